@@ -1,0 +1,376 @@
+"""ALBEF: the pieces every task model shares, and the pretraining model (ITC + ITM + MLM).
+
+Attribute names follow the official checkpoints (`visual_encoder`, `text_encoder.bert`, `vision_proj`,
+`itm_head`, `*_m` momentum twins, `image_queue`, `queue_ptr`, `temp`) so they load with `strict=True`.
+Original behaviour kept on purpose is marked `# ALBEF parity:`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert
+from models.vit import build_vit, load_vit_weights, resize_pos_embed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ALBEFConfig:
+    """Model keys of the task YAML files; names are the original's so users' configs carry over."""
+
+    bert_config: str = "configs/config_bert.json"  # BERT sizes + fusion_layer + encoder_width
+    text_encoder: str | None = "bert-base-uncased"  # HF name or folder: BERT weights and tokenizer
+    vit_init: str | None = None  # timm name or local file for the ViT (DeiT-B/16 in the original)
+    image_res: int = 256
+    vit_patch_size: int = 16
+    vit_width: int = 768
+    vit_depth: int = 12
+    vit_heads: int = 12
+    vision_width: int = 768
+    embed_dim: int = 256
+    temp: float = 0.07
+    mlm_probability: float = 0.15
+    queue_size: int = 65536
+    momentum: float = 0.995
+    alpha: float = 0.4
+
+    def __post_init__(self):
+        if self.vision_width != self.vit_width:
+            raise ValueError(f"vision_width ({self.vision_width}) must equal vit_width ({self.vit_width})")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """All ranks' tensors concatenated along dim 0 in rank order (no gradient); identity on one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def draw_mlm_mask(shape, probability: float, vocab_size: int, device) -> dict[str, torch.Tensor]:
+    """The four random draws of BERT masking (candidates, [MASK] or not, random or kept, random ids)."""
+    return {
+        "select": torch.bernoulli(torch.full(shape, probability, device=device)).bool(),
+        "to_mask_token": torch.bernoulli(torch.full(shape, 0.8, device=device)).bool(),
+        "to_random": torch.bernoulli(torch.full(shape, 0.5, device=device)).bool(),
+        "random_words": torch.randint(vocab_size, shape, device=device),
+    }
+
+
+def apply_mlm_mask(input_ids: torch.Tensor, draws: dict[str, torch.Tensor], cfg: BertConfig):
+    """Masked ids and labels (-100 where not predicted) from `draw_mlm_mask`'s draws.
+
+    ALBEF parity: only [PAD] and [CLS] are excluded from the candidates, and a random replacement may be
+    any id in [0, vocab), special ids included.
+    """
+    selected = draws["select"] & (input_ids != cfg.pad_token_id) & (input_ids != cfg.cls_token_id)
+    labels = input_ids.masked_fill(~selected, -100)
+    to_mask = draws["to_mask_token"] & selected
+    to_random = draws["to_random"] & selected & ~to_mask
+    masked = torch.where(to_mask, torch.full_like(input_ids, cfg.mask_token_id), input_ids)
+    masked = torch.where(to_random, draws["random_words"], masked)
+    return masked, labels
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_j targets[j] * log_softmax(logits)[j]."""
+    return -(F.log_softmax(logits, dim=-1) * targets).sum(-1).mean()
+
+
+def negative_weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Hard-negative sampling weights: softmax over in-batch columns, positives (and pairs of the same
+    image) set to 0. ALBEF parity: not renormalised; `torch.multinomial` does not need it."""
+    w = F.softmax(sim.float(), dim=1).masked_fill(same, 0)
+    # A row with no valid negative (whole batch from one image) falls back to "any other column".
+    empty = w.sum(1, keepdim=True) == 0
+    eye = torch.eye(w.shape[0], w.shape[1], dtype=torch.bool, device=w.device)
+    return torch.where(empty, (~eye).float(), w)
+
+
+# ----------------------------------------------------------------------------------------- base class
+
+
+class ALBEFBase(nn.Module):
+    """Encoders, projections, momentum twins and the feature queue; task models call these helpers.
+
+    `momentum_names` lists the online modules that get a `<name>_m` twin (copied at construction,
+    requires_grad False, updated by EMA inside the training forward, as the original does).
+    """
+
+    momentum_names: tuple[str, ...] = ()
+
+    def __init__(self, cfg: ALBEFConfig, bert_cfg: BertConfig, mlm_head: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.bert_cfg = bert_cfg
+        if bert_cfg.encoder_width != cfg.vit_width:
+            raise ValueError(f"bert_config.encoder_width {bert_cfg.encoder_width} != vit_width {cfg.vit_width}")
+        self.visual_encoder = build_vit(cfg.image_res, cfg.vit_patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads)
+        self.text_encoder = BertForMaskedLM(bert_cfg) if mlm_head else BertModel(bert_cfg)
+
+    @property
+    def bert(self) -> BertModel:
+        """The bare encoder whichever wrapper holds it (pretraining keeps the MLM wrapper)."""
+        return self.text_encoder.bert if isinstance(self.text_encoder, BertForMaskedLM) else self.text_encoder
+
+    def init_pretrained_encoders(self) -> None:
+        """Load BERT (`text_encoder`) and ViT (`vit_init`) weights, then refresh the momentum twins."""
+        if self.cfg.text_encoder:
+            load_hf_bert(self.text_encoder, self.cfg.text_encoder)
+        if self.cfg.vit_init:
+            load_vit_weights(self.visual_encoder, self.cfg.vit_init)
+        self.copy_params()
+
+    def build_momentum(self) -> None:
+        for name in self.momentum_names:
+            twin = copy.deepcopy(getattr(self, name))
+            twin.requires_grad_(False)
+            setattr(self, name + "_m", twin)
+
+    def momentum_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        online, twins = [], []
+        for name in self.momentum_names:
+            online += list(getattr(self, name).parameters())
+            twins += list(getattr(self, name + "_m").parameters())
+        return online, twins
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        online, twins = self.momentum_pairs()
+        torch._foreach_copy_(twins, online)
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """p_m <- momentum * p_m + (1 - momentum) * p, one fused foreach op over all pairs."""
+        online, twins = self.momentum_pairs()
+        torch._foreach_lerp_(twins, online, 1.0 - momentum)
+
+    def register_queues(self, embed_dim: int, queue_size: int, with_idx: bool = False) -> None:
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        if with_idx:
+            self.register_buffer("idx_queue", torch.full((1, queue_size), -100))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx=None) -> None:
+        """Write all ranks' momentum features at columns ptr..ptr+B-1 (mod queue size); no host sync."""
+        image_feat, text_feat = concat_all_gather(image_feat), concat_all_gather(text_feat)
+        n, size = image_feat.shape[0], self.image_queue.shape[1]
+        if size % n:
+            raise ValueError(f"queue_size {size} must be a multiple of the global batch size {n}")
+        cols = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size
+        self.image_queue.index_copy_(1, cols, image_feat.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, cols, text_feat.T.to(self.text_queue.dtype))
+        if idx is not None:
+            self.idx_queue.index_copy_(1, cols, concat_all_gather(idx)[None])
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    def encode_image(self, image: torch.Tensor, momentum: bool = False):
+        """Token states [B, N, W] and normalised projected CLS [B, E]."""
+        vit, proj = (self.visual_encoder_m, self.vision_proj_m) if momentum else (self.visual_encoder, self.vision_proj)
+        embeds = vit.forward_features(image)
+        return embeds, F.normalize(proj(embeds[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids, attention_mask, momentum: bool = False):
+        """Text-mode states [B, L, H] (layers < fusion_layer) and normalised projected CLS [B, E]."""
+        enc, proj = (self.text_encoder_m, self.text_proj_m) if momentum else (self.text_encoder, self.text_proj)
+        bert = enc.bert if isinstance(enc, BertForMaskedLM) else enc
+        embeds = bert(input_ids, attention_mask, mode="text")
+        return embeds, F.normalize(proj(embeds[:, 0]), dim=-1)
+
+    def sample_negatives(self, weights_t2i: torch.Tensor, weights_i2t: torch.Tensor):
+        """One hard negative per row: an image for every text, then a text for every image."""
+        return torch.multinomial(weights_t2i, 1).squeeze(1), torch.multinomial(weights_i2t, 1).squeeze(1)
+
+    def itm(self, image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict):
+        """Image-text matching on B positives and 2B hard negatives in one batched fusion pass.
+
+        ALBEF parity: rows are [positives; (text b, negative image); (negative text, image b)] and the
+        negative text keeps its own padding mask; labels are 1 for the first B rows.
+        """
+        B = image_embeds.shape[0]
+        with torch.no_grad():
+            weights_i2t = negative_weights(sim_i2t[:, :B], same)
+            weights_t2i = negative_weights(sim_t2i[:, :B], same)
+        neg_image, neg_text = self.sample_negatives(weights_t2i, weights_i2t)
+        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])
+        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
+        fused = self.bert.fuse(text_all, mask_all, image_all)
+        logits = self.itm_head(fused[:, 0])
+        labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(logits.device)
+        out.update(itm_weights_i2t=weights_i2t, itm_weights_t2i=weights_t2i, fusion_pos_hidden=fused[:B],
+                   fusion_neg_hidden=fused[B:], itm_logits=logits, itm_labels=labels)
+        return F.cross_entropy(logits, labels)
+
+
+# ---------------------------------------------------------------------------------- pretraining model
+
+
+class ALBEF(ALBEFBase):
+    """The pretraining model: `forward(image, input_ids, attention_mask, alpha)` -> named losses."""
+
+    momentum_names = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+
+    def __init__(self, cfg: ALBEFConfig, bert_cfg: BertConfig):
+        super().__init__(cfg, bert_cfg, mlm_head=True)
+        text_width = bert_cfg.hidden_size
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.build_momentum()
+        self.register_queues(cfg.embed_dim, cfg.queue_size)
+
+    def mask_tokens(self, input_ids: torch.Tensor):
+        draws = draw_mlm_mask(input_ids.shape, self.cfg.mlm_probability, self.bert_cfg.vocab_size, input_ids.device)
+        return apply_mlm_mask(input_ids, draws, self.bert_cfg)
+
+    def itc(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha: float, out: dict):
+        """Contrastive loss against [in-batch momentum features; queue], with momentum-distilled targets.
+
+        ALBEF parity: similarities use the queue as it was BEFORE this step (it is updated afterwards).
+        """
+        with torch.no_grad():
+            text_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
+            image_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
+            sim_i2t_m = image_feat_m @ text_all / self.temp
+            sim_t2i_m = text_feat_m @ image_all / self.temp
+            targets = torch.zeros_like(sim_i2t_m)
+            targets.fill_diagonal_(1)
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets
+        sim_i2t = image_feat @ text_all / self.temp
+        sim_t2i = text_feat @ image_all / self.temp
+        loss_i2t = soft_cross_entropy(sim_i2t, sim_i2t_targets)
+        loss_t2i = soft_cross_entropy(sim_t2i, sim_t2i_targets)
+        out.update(sim_i2t=sim_i2t, sim_t2i=sim_t2i, sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m,
+                   sim_i2t_targets=sim_i2t_targets, sim_t2i_targets=sim_t2i_targets, loss_i2t=loss_i2t,
+                   loss_t2i=loss_t2i)
+        return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
+
+    def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha: float, out: dict):
+        """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions.
+
+        ALBEF parity: the logits come from a separate full pass over the masked ids (not from the ITM
+        fusion pass), and the soft targets from the momentum encoder with the momentum image states.
+        """
+        masked_ids, labels = self.mask_tokens(input_ids)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m(masked_ids, attention_mask, image_embeds_m)
+        logits = self.text_encoder(masked_ids, attention_mask, image_embeds)
+        selected = labels != -100
+        count = selected.sum().clamp(min=1)
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        ce = -log_probs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        kd = -(F.softmax(logits_m.float(), dim=-1) * log_probs).sum(-1)
+        loss = (((1 - alpha) * ce + alpha * kd) * selected).sum() / count
+        out.update(mlm_input_ids=masked_ids, mlm_labels=labels, mlm_logits=logits, mlm_logits_m=logits_m)
+        return loss
+
+    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, image_ids=None, return_outputs=False):
+        """Losses {"loss_mlm", "loss_ita", "loss_itm"} (+ "temp"); with `return_outputs` every
+        intermediate tensor too. `image_ids` [B], when given, keeps captions of the same image from being
+        drawn as each other's ITM negatives (the original only excludes the diagonal)."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)  # ALBEF parity: clamped in place at every forward
+        out: dict[str, torch.Tensor] = {}
+        image_embeds, image_feat = self.encode_image(image)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        with torch.no_grad():
+            self.momentum_update(self.cfg.momentum)  # ALBEF parity: before any momentum feature
+            image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
+            text_embeds_m, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
+
+        loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, out)
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        B = image.shape[0]
+        same = torch.eye(B, dtype=torch.bool, device=image.device)
+        if image_ids is not None:
+            same = same | (image_ids[:, None] == image_ids[None, :])
+        loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
+        loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, out)
+
+        losses = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm, "temp": self.temp.detach()}
+        if return_outputs:
+            out.update(image_embeds=image_embeds, image_embeds_m=image_embeds_m, text_embeds=text_embeds,
+                       text_embeds_m=text_embeds_m, image_feat=image_feat, text_feat=text_feat,
+                       image_feat_m=image_feat_m, text_feat_m=text_feat_m)
+            return losses | out
+        return losses
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """`torch.load` that never unpickles arbitrary objects; errors name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise CheckpointError(f"{path}: not a loadable checkpoint (weights_only): {e}") from e
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str) -> None:
+    """`load_state_dict(strict=True)` whose error lists missing, unexpected and mis-shaped keys at once."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def head(xs):
+            return "; ".join(xs[:10]) + (f"; ... ({len(xs)} in all)" if len(xs) > 10 else "")
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: "
+            f"missing {len(missing)} [{head(missing)}], unexpected {len(unexpected)} [{head(unexpected)}], "
+            f"shape mismatches {len(shapes)} [{head(shapes)}]"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def adapt_pos_embed(state_dict: dict, model: nn.Module) -> dict:
+    """Resize `visual_encoder(_m).pos_embed` in a state dict to the model's image resolution."""
+    sd = dict(state_dict)
+    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
+        if key in sd and hasattr(model, key.split(".")[0]):
+            vit = getattr(model, key.split(".")[0])
+            sd[key] = resize_pos_embed(sd[key], vit.patch_embed.num_patches)
+    return sd
+
+
+def load_model_checkpoint(model: nn.Module, path: str) -> dict:
+    """Load an ALBEF-layout checkpoint (`{'model': state_dict, ...}` or a bare state dict) strictly,
+    resizing position embeddings if it was trained at another resolution. Returns the whole file."""
+    ckpt = load_checkpoint_file(path)
+    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
+    load_state_dict_strict(model, adapt_pos_embed(sd, model), path)
+    return ckpt
+
+
+def build_bert_config(cfg: ALBEFConfig | dict | str) -> BertConfig:
+    src = cfg.bert_config if isinstance(cfg, ALBEFConfig) else cfg
+    return BertConfig.from_dict(src) if isinstance(src, dict) else BertConfig.from_json(src)

@@ -1,0 +1,325 @@
+"""A compact BERT for ALBEF: text encoder, fusion encoder (cross-attention to the image) and MLM head.
+
+Module and parameter names follow the original `xbert.py` (itself Hugging Face's BERT) so the official
+checkpoints load with `strict=True` and no key remapping: `embeddings.*`, `encoder.layer.{i}.attention.self.query`,
+`...crossattention...`, `cls.predictions.*`. Layers `0..fusion_layer-1` are self-attention only (the text
+encoder); layers `fusion_layer..` also cross-attend to the image (the fusion encoder). Attention runs on
+`F.scaled_dot_product_attention`; masks are boolean (True = may attend). ALBEF adds -10000 to padded
+scores; exp(-10000) underflows to exactly 0 in fp32, so a boolean mask computes the same function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["multimodal", "text", "fusion"]
+
+
+@dataclass
+class BertConfig:
+    """The fields of `config_bert.json` we use; other keys of the json (architectures, ...) are ignored."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    hidden_act: str = "gelu"
+    fusion_layer: int = 6  # first layer with cross-attention
+    encoder_width: int = 768  # width of the image tokens the cross-attention reads
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+
+    def __post_init__(self):
+        if self.hidden_act != "gelu":
+            raise ValueError(f"bert_config: hidden_act must be 'gelu' (exact erf GELU), got {self.hidden_act!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("bert_config: hidden_size must be divisible by num_attention_heads")
+        if not 0 <= self.fusion_layer <= self.num_hidden_layers:
+            raise ValueError(f"bert_config: fusion_layer {self.fusion_layer} outside [0, {self.num_hidden_layers}]")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str) -> "BertConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        # ALBEF parity: the official state dict carries this buffer.
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings)[None], persistent=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)
+        x = x + self.position_embeddings(self.position_ids[:, : input_ids.shape[1]])
+        x = x + self.token_type_embeddings.weight[0]  # ALBEF never uses token type 1
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention; keys and values come from `context` (`kv_width` wide), queries from `x`."""
+
+    def __init__(self, cfg: BertConfig, kv_width: int):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
+        dropout_p = self.dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        B, H, L, Dh = out.shape
+        return out.transpose(1, 2).reshape(B, L, H * Dh)
+
+
+class BertSelfOutput(nn.Module):
+    """Post-norm residual: LayerNorm(x + dropout(dense(h)))."""
+
+    def __init__(self, cfg: BertConfig, in_width: int):
+        super().__init__()
+        self.dense = nn.Linear(in_width, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(h)))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig, kv_width: int):
+        super().__init__()
+        self.self = BertSelfAttention(cfg, kv_width)
+        self.output = BertSelfOutput(cfg, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, context, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig, cross_attention: bool):
+        super().__init__()
+        self.attention = BertAttention(cfg, cfg.hidden_size)
+        self.crossattention = BertAttention(cfg, cfg.encoder_width) if cross_attention else None
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertSelfOutput(cfg, cfg.intermediate_size)
+
+    def forward(self, x, mask, image_embeds=None, image_mask=None) -> torch.Tensor:
+        x = self.attention(x, x, mask)
+        if self.crossattention is not None:
+            x = self.crossattention(x, image_embeds, image_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            BertLayer(cfg, cross_attention=i >= cfg.fusion_layer) for i in range(cfg.num_hidden_layers)
+        )
+
+
+def self_attention_mask(attention_mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """[B, L] 0/1 padding mask -> boolean [B, 1, 1|L, L]; causal adds "position i sees j <= i"."""
+    mask = attention_mask.bool()[:, None, None, :]
+    if causal:
+        L = attention_mask.shape[1]
+        mask = mask & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()[None, None]
+    return mask
+
+
+class BertModel(nn.Module):
+    """Embeddings + layers. `mode` picks the layers: "text" 0..F-1, "fusion" F..L-1, "multimodal" all.
+
+    `fuse` runs the fusion layers on text states computed earlier (ALBEF shares the text pass between
+    ITC and ITM). Image tokens are never padded, so `image_mask` is only used by the VQA decoder.
+    """
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+    def run_layers(self, x, attention_mask, layers, image_embeds=None, image_mask=None, causal=False):
+        mask = self_attention_mask(attention_mask, causal)
+        if image_mask is not None:
+            image_mask = image_mask.bool()[:, None, None, :]
+        for layer in layers:
+            x = layer(x, mask, image_embeds, image_mask)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        mode: Mode = "multimodal",
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """Returns the last hidden state [B, L, hidden]."""
+        F_ = self.config.fusion_layer
+        layers = self.encoder.layer[:F_] if mode == "text" else self.encoder.layer
+        if mode == "fusion":
+            raise ValueError("use BertModel.fuse for the fusion layers alone")
+        if mode == "multimodal" and F_ < len(self.encoder.layer) and image_embeds is None:
+            raise ValueError("multimodal mode needs image_embeds")
+        x = self.embeddings(input_ids)
+        return self.run_layers(x, attention_mask, layers, image_embeds, image_mask, causal)
+
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None) -> torch.Tensor:
+        """Fusion layers F..L-1 applied to text-mode states [B, L, hidden]."""
+        layers = self.encoder.layer[self.config.fusion_layer :]
+        return self.run_layers(text_embeds, attention_mask, layers, image_embeds, image_mask)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> tied word embeddings + bias. `decoder.bias` IS `bias` (both are saved)."""
+
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.decoder.weight = word_embeddings.weight
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(cfg, word_embeddings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictions(x)
+
+
+class BertForMaskedLM(nn.Module):
+    """`bert` + tied MLM head (`cls`): the pretraining text encoder and the VQA answer decoder."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        self.cls = BertOnlyMLMHead(cfg, self.bert.embeddings.word_embeddings)
+
+    def forward(self, input_ids, attention_mask, image_embeds=None, image_mask=None, causal=False):
+        """Logits [B, L, vocab] of the full (multimodal) pass."""
+        hidden = self.bert(input_ids, attention_mask, image_embeds, image_mask, "multimodal", causal)
+        return self.cls(hidden)
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation, for layers a pretrained checkpoint does not provide (e.g. cross-attention)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _resolve_hf_folder(name_or_path: str) -> str:
+    """A local folder as is; otherwise a Hugging Face hub name (downloaded or taken from the cache)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"])
+
+
+def read_hf_bert_state_dict(name_or_path: str) -> dict[str, torch.Tensor]:
+    """Weights of a Hugging Face BERT (BertModel or BertForMaskedLM layout), with old gamma/beta names fixed."""
+    folder = _resolve_hf_folder(name_or_path)
+    st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(st_path):
+        from safetensors.torch import load_file
+
+        sd = load_file(st_path)
+    elif os.path.exists(bin_path):
+        sd = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    renamed = {}
+    for k, v in sd.items():
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        renamed[k if k.startswith(("bert.", "cls.")) else "bert." + k] = v
+    return renamed
+
+
+def load_hf_bert(model: BertModel | BertForMaskedLM, name_or_path: str) -> None:
+    """Initialise from a Hugging Face BERT the way `from_pretrained` does: matching keys load, the rest
+    (cross-attention, and the MLM head when the source has none) keep BERT's random init."""
+    init_bert_weights(model, model.config.initializer_range)
+    sd = read_hf_bert_state_dict(name_or_path)
+    if isinstance(model, BertModel):
+        sd = {k[len("bert.") :]: v for k, v in sd.items() if k.startswith("bert.")}
+    own = model.state_dict()
+    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"{name_or_path}: shapes differ from bert_config for {mismatched[:5]}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    new = sorted({k.split(".crossattention")[0] + ".crossattention" if "crossattention" in k else k for k in missing})
+    logger.info("text encoder from %s; newly initialised: %s; unused: %s", name_or_path, new, unexpected)
