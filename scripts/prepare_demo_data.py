@@ -1,0 +1,289 @@
+"""Build the built-in demo data set (ALBEF's JSON formats) from the `easy-vqa` package, offline.
+
+easy-vqa ships 5,000 64x64 PNGs (4,000 "train", 1,000 "test"), each one shape (circle, rectangle,
+triangle) in one of 8 pure colours on a uniform light background (each channel 230-255), drawn at
+2x and bilinearly downsampled, plus ~48k template questions with one answer each.
+
+Captions come from the pixels, not the questions: background = the majority corner colour; alpha =
+each pixel's projection between background and shape colour; colour = nearest palette colour to
+the mean of alpha > 0.5 pixels; shape = fill ratio area / (widest row * tallest column) of alpha
+sums (rectangle 1.0, circle ~0.79-0.87, triangle ~0.53-0.68 since small ones blur); position = the
+alpha centre of mass on a 3x3 grid; size = tertiles of that box's area over the images used.
+Where easy-vqa's answers name an image's colour or shape they win (the agreement of the pixel
+reading with them is printed and kept in meta.json); they agree on ~100 %.
+
+All images are pooled and shuffled by seed: 5 % retrieval val, 5 % retrieval test, 20 % held out
+(halved into downstream dev and test), the rest (70 %, 3,500) pretrain, which is also every task's
+train split. VQA has no dev split in ALBEF, so vqa_test covers the whole held-out 20 %.
+NLVR: each pair of images gets one True and one False sentence of the same template (balanced).
+VE: per image an entailment (true statement), a contradiction (one wrong colour, shape or position,
+half of them with an extra clause) and a neutral: the true colour and shape plus a clause the
+pixels can never settle ("is made of paper"). A clause narrows the label to neutral or
+contradiction; only the image tells which. Simple on purpose: the demo only has to be learnable.
+"""
+
+import argparse
+import json
+import random
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import easy_vqa
+import numpy as np
+from PIL import Image
+
+COLOURS: dict[str, tuple[int, int, int]] = {  # easy-vqa gen_data/color.py
+    "black": (0, 0, 0), "gray": (128, 128, 128), "red": (255, 0, 0), "green": (0, 255, 0),
+    "blue": (0, 0, 255), "yellow": (255, 255, 0), "teal": (0, 128, 128), "brown": (165, 42, 42),
+}
+SHAPES = ("circle", "rectangle", "triangle")
+SIZES = ("small", "medium", "large")
+GRID = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+IN_PHRASE = {p: (f"in the {p} corner" if " " in p else f"on the {p}" if p in ("left", "right")
+                 else f"at the {p}" if p in ("top", "bottom") else "in the center") for p in GRID}
+CAPTIONS = (
+    "a {size} {colour} {shape} {where}", "there is a {size} {colour} {shape} near the {pos}",
+    "a {colour} {shape} {where} of the image", "the image shows a {size} {colour} {shape}",
+    "a {size} {shape} colored {colour}, {where}", "a picture of a {colour} {shape} on a plain background",
+)
+VE_FACTS = ("the shape is {colour}", "there is a {shape} in the image", "the image contains a {colour} {shape}",
+            "the {shape} is {where}", "a {colour} shape is {where}")
+UNKNOWABLE = ("is made of paper", "was drawn by a child", "was painted yesterday", "is made of wood",
+              "is someone's favourite shape")
+TRIANGLE_MAX_FILL, CIRCLE_MAX_FILL = 0.73, 0.93  # measured: triangles <= 0.69, circles 0.78-0.87
+
+
+@dataclass
+class Item:
+    """One easy-vqa image and what we know about its single shape."""
+
+    key: str  # "train_12": easy-vqa split and id, also the file stem under images/
+    source: Path
+    pixel_colour: str
+    pixel_shape: str
+    pos: str
+    box_frac: float  # (widest row * tallest column) / image area
+    ink_frac: float  # alpha sum / image area
+    cy: float  # centre of mass row, pixels
+    colour: str = ""
+    shape: str = ""
+    size: str = ""
+    captions: list[str] = field(default_factory=list)
+
+    @property
+    def image(self) -> str:
+        return f"images/{self.key}.png"
+
+
+def measure(key: str, source: Path) -> Item:
+    """Read colour, shape, position and extent of the one shape from the pixels."""
+    x = np.asarray(Image.open(source).convert("RGB"), dtype=np.float32)
+    corners = Counter(tuple(c) for c in (x[0, 0], x[0, -1], x[-1, 0], x[-1, -1]))
+    bg = np.array(corners.most_common(1)[0][0], dtype=np.float32)  # a shape covers at most one corner
+    dist = np.linalg.norm(x - bg, axis=-1)
+    fg = x.reshape(-1, 3)[dist.argmax()] - bg
+    alpha = np.clip((x - bg) @ fg / (fg @ fg), 0.0, 1.0)
+    mean = x[alpha > 0.5].mean(0)
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    colour = list(COLOURS)[int(np.linalg.norm(palette - mean, axis=1).argmin())]
+    ink, width, height = alpha.sum(), alpha.sum(1).max(), alpha.sum(0).max()
+    fill = ink / (width * height)
+    shape = "triangle" if fill < TRIANGLE_MAX_FILL else "circle" if fill < CIRCLE_MAX_FILL else "rectangle"
+    rows, cols = np.indices(alpha.shape)
+    cy, cx = (rows * alpha).sum() / ink, (cols * alpha).sum() / ink
+    r, c = (min(int(v * 3 / n), 2) for v, n in ((cy, x.shape[0]), (cx, x.shape[1])))
+    area = x.shape[0] * x.shape[1]
+    return Item(key, source, colour, shape, GRID[3 * r + c], float(width * height / area), float(ink / area), float(cy))
+
+
+def read_questions() -> dict[str, list[tuple[str, str]]]:
+    """easy-vqa's (question, answer) pairs by image key."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for split, qs in (("train", easy_vqa.get_train_questions()), ("test", easy_vqa.get_test_questions())):
+        for question, answer, image_id in zip(*qs):
+            out.setdefault(f"{split}_{image_id}", []).append((question, answer))
+    return out
+
+
+def known_attributes(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Colour/shape fixed by the answers: a wh-answer names it; a yes/no question affirms it
+    ("is there a red shape?" yes, "is no circle present?" no)."""
+    known: dict[str, str] = {}
+    for question, answer in pairs:
+        words = re.findall(r"[a-z]+", question)
+        if answer not in ("yes", "no"):
+            named = [answer]
+        elif (answer == "yes") != ("not" in words or "no" in words):
+            named = words
+        else:
+            continue
+        for w in named:
+            if w in COLOURS or w in SHAPES:
+                known["colour" if w in COLOURS else "shape"] = w
+    return known
+
+
+def load_items(limit: int | None, questions: dict[str, list[tuple[str, str]]]) -> tuple[list[Item], dict]:
+    """Measure every image (the first `limit` ones); let easy-vqa's answers override; size tertiles."""
+    paths = [(f"train_{i}", p) for i, p in sorted(easy_vqa.get_train_image_paths().items())]
+    paths += [(f"test_{i}", p) for i, p in sorted(easy_vqa.get_test_image_paths().items())]
+    items = [measure(key, Path(p)) for key, p in paths[:limit]]
+    agree: dict[str, list[bool]] = {"colour": [], "shape": []}
+    for item in items:
+        known = known_attributes(questions.get(item.key, []))
+        for attr in agree:
+            pixel = getattr(item, f"pixel_{attr}")
+            if attr in known:
+                agree[attr].append(pixel == known[attr])
+            setattr(item, attr, known.get(attr, pixel))
+    cuts = np.quantile([i.box_frac for i in items], [1 / 3, 2 / 3])
+    for item in items:
+        item.size = SIZES[int(np.searchsorted(cuts, item.box_frac, side="right"))]
+    stats = {f"{a}_agreement": round(float(np.mean(v)), 4) if v else None for a, v in agree.items()}
+    stats |= {f"{a}_checked": len(v) for a, v in agree.items()} | {"size_cuts": [round(float(c), 4) for c in cuts]}
+    return items, stats
+
+
+def describe(item: Item, rng: random.Random, n: int = 3) -> list[str]:
+    """`n` captions from distinct templates."""
+    slots = dict(size=item.size, colour=item.colour, shape=item.shape, pos=item.pos, where=IN_PHRASE[item.pos])
+    return [t.format(**slots) for t in rng.sample(CAPTIONS, n)]
+
+
+def nlvr_candidates(a: Item, b: Item, rng: random.Random) -> tuple[list[str], list[str]]:
+    """(true, false) sentences about the pair (a left, b right) for one randomly chosen template."""
+    kind = rng.choice(("only", "only_right", "both_shape", "both_colour", "same_colour", "larger", "higher"))
+    if kind in ("only", "only_right"):
+        left, right, (first, second) = (a, b, ("left", "right")) if kind == "only" else (b, a, ("right", "left"))
+        says = {c: f"the {first} image contains a {c} shape and the {second} image does not" for c in COLOURS}
+        hits = [c for c in COLOURS if left.colour == c != right.colour]
+    elif kind == "both_shape":
+        says = {s: f"both images contain a {s}" for s in SHAPES}
+        hits = [s for s in SHAPES if a.shape == s == b.shape]
+    elif kind == "both_colour":
+        says = {c: f"both shapes are {c}" for c in COLOURS}
+        hits = [c for c in COLOURS if a.colour == c == b.colour]
+    elif kind == "same_colour":
+        says = {True: "the two shapes have the same color", False: "the two shapes have different colors"}
+        hits = [a.colour == b.colour]
+    elif kind == "larger":  # only when the box and the ink agree by a clear margin
+        says = {d: f"the left image has a {d} shape than the right image" for d in ("larger", "smaller")}
+        box, ink = a.box_frac / b.box_frac, a.ink_frac / b.ink_frac
+        hits = ["larger"] if min(box, ink) > 1.25 else ["smaller"] if max(box, ink) < 0.8 else []
+    else:
+        says = {d: f"the shape in the left image is {d} than the shape in the right image" for d in ("higher", "lower")}
+        hits = ["higher"] if a.cy < b.cy - 8 else ["lower"] if a.cy > b.cy + 8 else []
+    return [says[k] for k in hits], [s for k, s in says.items() if k not in hits]
+
+
+def nlvr_entries(items: list[Item], rng: random.Random) -> list[dict]:
+    """One True and one False sentence for each image paired with a random other one."""
+    out = []
+    for a in items:
+        for _ in range(100):
+            b = rng.choice(items)
+            true, false = nlvr_candidates(a, b, rng) if b is not a else ([], [])
+            if true and false:
+                images = [a.image, b.image]
+                out += [{"images": images, "sentence": rng.choice(true), "label": "True"},
+                        {"images": images, "sentence": rng.choice(false), "label": "False"}]
+                break
+    rng.shuffle(out)
+    return out
+
+
+def ve_entries(items: list[Item], rng: random.Random) -> list[dict]:
+    """An entailment, a contradiction and a neutral hypothesis per image (see module docstring)."""
+    out = []
+    for item in items:
+        true = dict(colour=item.colour, shape=item.shape, where=IN_PHRASE[item.pos])
+        far = [p for p in GRID if max(abs(GRID.index(p) // 3 - GRID.index(item.pos) // 3),
+                                      abs(GRID.index(p) % 3 - GRID.index(item.pos) % 3)) == 2]
+        wrong = dict(colour=[c for c in COLOURS if c != item.colour], shape=[s for s in SHAPES if s != item.shape],
+                     where=[IN_PHRASE[p] for p in far])
+        template = "the {colour} {shape} " + rng.choice(UNKNOWABLE) if rng.random() < 0.5 else rng.choice(VE_FACTS)
+        slot = rng.choice([s for s in wrong if "{" + s + "}" in template and wrong[s]])
+        out += [
+            {"image": item.image, "sentence": rng.choice(VE_FACTS).format(**true), "label": "entailment"},
+            {"image": item.image, "sentence": template.format(**(true | {slot: rng.choice(wrong[slot])})),
+             "label": "contradiction"},
+            {"image": item.image, "sentence": f"the {item.colour} {item.shape} {rng.choice(UNKNOWABLE)}",
+             "label": "neutral"},
+        ]
+    return out
+
+
+def vqa_entries(items: list[Item], questions: dict[str, list[tuple[str, str]]], first_id: int) -> list[dict]:
+    """easy-vqa's own questions; ALBEF's answer list holds one answer here, not ten."""
+    pairs = [(item, q, a) for item in items for q, a in questions.get(item.key, [])]
+    return [{"question_id": first_id + n, "image": item.image, "question": q, "answer": [a], "dataset": "vqa"}
+            for n, (item, q, a) in enumerate(pairs)]
+
+
+def write_json(path: Path, data: object) -> int:
+    path.write_text(json.dumps(data, indent=None))
+    return len(data)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Write every JSON file and copy the images under --out; return meta.json's content."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("data/demo"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (tests)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    questions = read_questions()
+    items, stats = load_items(args.limit, questions)
+    rng = random.Random(args.seed)
+    for item in items:  # captions first, in a fixed order, so the split does not change them
+        item.captions = describe(item, rng)
+    order = list(items)
+    rng.shuffle(order)
+    n_ret, n_held = round(0.05 * len(order)), round(0.2 * len(order))
+    ret_val, ret_test = order[:n_ret], order[n_ret:2 * n_ret]
+    held = order[2 * n_ret:2 * n_ret + n_held]
+    dev, test, train = held[:n_held // 2], held[n_held // 2:], order[2 * n_ret + n_held:]
+
+    images = args.out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for stale in set(images.glob("*.png")) - {images / f"{i.key}.png" for i in items}:
+        stale.unlink()
+    for item in items:
+        shutil.copyfile(item.source, images / f"{item.key}.png")
+    vqa_train = vqa_entries(train, questions, 0)
+    files: dict[str, list] = {
+        "pretrain": [{"image": i.image, "caption": i.captions} for i in train],
+        "retrieval_train": [{"image": i.image, "caption": c, "image_id": n}
+                            for n, i in enumerate(train) for c in i.captions],
+        "retrieval_val": [{"image": i.image, "caption": i.captions} for i in ret_val],
+        "retrieval_test": [{"image": i.image, "caption": i.captions} for i in ret_test],
+        "vqa_train": vqa_train,
+        "vqa_test": vqa_entries(held, questions, len(vqa_train)),
+        "answer_list": easy_vqa.get_answers(),
+    }
+    for split, split_items in (("train", train), ("dev", dev), ("test", test)):
+        files[f"nlvr_{split}"] = nlvr_entries(split_items, rng)
+        files[f"ve_{split}"] = ve_entries(split_items, rng)
+    counts = {name: write_json(args.out / f"{name}.json", data) for name, data in files.items()}
+    meta = {
+        "source": "easy-vqa", "seed": args.seed, "limit": args.limit, "images": len(items), "counts": counts,
+        "split_images": {"pretrain": len(train), "retrieval_val": len(ret_val), "retrieval_test": len(ret_test),
+                         "downstream_dev": len(dev), "downstream_test": len(test)},
+        "detection": stats, "colours": list(COLOURS), "shapes": list(SHAPES), "positions": list(GRID),
+        "sizes": list(SIZES),
+    }
+    write_json(args.out / "meta.json", meta)
+    print(f"wrote {len(items)} images and {len(files)} files to {args.out} in {time.perf_counter() - start:.1f}s")
+    print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"  pixel vs easy-vqa answers: colour {stats['colour_agreement']} of {stats['colour_checked']}, "
+          f"shape {stats['shape_agreement']} of {stats['shape_checked']}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

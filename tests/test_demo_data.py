@@ -1,0 +1,105 @@
+"""scripts/prepare_demo_data.py on the first 200 easy-vqa images: formats, splits, balance, detection."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import easy_vqa
+import pytest
+
+from scripts import prepare_demo_data as demo
+
+LIMIT = 200
+FILES = ("pretrain", "retrieval_train", "retrieval_val", "retrieval_test", "vqa_train", "vqa_test", "answer_list",
+         "nlvr_train", "nlvr_dev", "nlvr_test", "ve_train", "ve_dev", "ve_test", "meta")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("demo")
+    demo.main(["--out", str(path), "--limit", str(LIMIT), "--seed", "0"])
+    return path
+
+
+def load(out: Path, name: str) -> list | dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def check_entry(entry: dict, keys: dict[str, type]) -> None:
+    assert set(entry) == set(keys), entry
+    for key, kind in keys.items():
+        assert isinstance(entry[key], kind), (key, entry)
+
+
+def test_every_file_parses_and_images_exist(out: Path) -> None:
+    for name in FILES:
+        data = load(out, name)
+        assert data, name
+        if name in ("meta", "answer_list"):
+            continue
+        for entry in data:
+            paths = entry["images"] if "images" in entry else [entry["image"]]
+            assert all((out / p).is_file() and not Path(p).is_absolute() for p in paths), entry
+    assert len(list((out / "images").glob("*.png"))) == LIMIT
+
+
+def test_formats(out: Path) -> None:
+    for e in load(out, "pretrain"):
+        check_entry(e, {"image": str, "caption": list})
+        assert len(e["caption"]) == 3 and len(set(e["caption"])) == 3
+    for e in load(out, "retrieval_train"):
+        check_entry(e, {"image": str, "caption": str, "image_id": int})
+    for split in ("val", "test"):
+        for e in load(out, f"retrieval_{split}"):
+            check_entry(e, {"image": str, "caption": list})
+    answers = set(load(out, "answer_list"))
+    ids = []
+    for split in ("train", "test"):
+        for e in load(out, f"vqa_{split}"):
+            check_entry(e, {"question_id": int, "image": str, "question": str, "answer": list, "dataset": str})
+            assert set(e["answer"]) <= answers and e["dataset"] == "vqa"
+            ids.append(e["question_id"])
+    assert len(ids) == len(set(ids))
+    for split in ("train", "dev", "test"):
+        for e in load(out, f"nlvr_{split}"):
+            check_entry(e, {"images": list, "sentence": str, "label": str})
+            assert len(e["images"]) == 2 and e["label"] in ("True", "False")
+        for e in load(out, f"ve_{split}"):
+            check_entry(e, {"image": str, "sentence": str, "label": str})
+        labels = Counter(e["label"] for e in load(out, f"ve_{split}"))
+        assert set(labels) == {"entailment", "neutral", "contradiction"} and len(set(labels.values())) == 1
+
+
+def test_held_out_images_stay_out_of_pretraining(out: Path) -> None:
+    pretrain = {e["image"] for e in load(out, "pretrain")}
+    assert pretrain == {e["image"] for e in load(out, "retrieval_train")}
+    assert pretrain == {e["image"] for e in load(out, "vqa_train")}
+    for name in ("retrieval_val", "retrieval_test", "vqa_test", "nlvr_dev", "nlvr_test", "ve_dev", "ve_test"):
+        images = {p for e in load(out, name) for p in e.get("images", [e.get("image")])}
+        assert images and not images & pretrain, name
+    assert not {e["image"] for e in load(out, "retrieval_val")} & {e["image"] for e in load(out, "retrieval_test")}
+
+
+def test_nlvr_labels_are_balanced(out: Path) -> None:
+    for split in ("train", "dev", "test"):
+        labels = Counter(e["label"] for e in load(out, f"nlvr_{split}"))
+        assert labels["True"] == labels["False"] > 0, (split, labels)
+
+
+def test_pixel_colour_matches_easy_vqa_answers() -> None:
+    texts, answers, image_ids = easy_vqa.get_train_questions()
+    truth = {i: a for q, a, i in zip(texts, answers, image_ids) if q.startswith("what color") or "color of" in q}
+    paths = easy_vqa.get_train_image_paths()
+    checked = [i for i in range(LIMIT) if i in truth]
+    agree = sum(demo.measure(f"train_{i}", Path(paths[i])).pixel_colour == truth[i] for i in checked)
+    assert len(checked) > 50 and agree / len(checked) >= 0.9
+
+
+def test_meta_and_rerun_gives_identical_files(out: Path, tmp_path: Path) -> None:
+    meta = load(out, "meta")
+    assert meta["images"] == LIMIT and meta["detection"]["colour_agreement"] >= 0.9
+    assert meta["counts"]["pretrain"] == meta["split_images"]["pretrain"]
+    demo.main(["--out", str(tmp_path), "--limit", str(LIMIT), "--seed", "0"])
+    demo.main(["--out", str(tmp_path), "--limit", str(LIMIT), "--seed", "0"])
+    for name in FILES:
+        assert (tmp_path / f"{name}.json").read_bytes() == (out / f"{name}.json").read_bytes(), name
