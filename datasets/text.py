@@ -1,0 +1,105 @@
+"""Text as the original ALBEF scripts feed it: caption/question normalisation and tokenisation.
+
+Both functions reproduce the original character for character (checked against the reference
+fixture), because the text an ALBEF checkpoint was trained on is what these functions produce.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from tokenizers.processors import TemplateProcessing
+from transformers import BertTokenizerFast
+
+# Characters the original deletes from captions and questions (its regex class `[,.'!?"()*#:;~]`).
+_DROPPED = ",.'!?\"()*#:;~"
+_NORMALISE = str.maketrans({**{c: None for c in _DROPPED}, "-": " ", "/": " "})
+_WHITESPACE_RUN = re.compile(r"\s{2,}")
+
+# The tokenizer call of each original script, keyed by the fixture's setting names.
+TOKENIZER_SETTINGS: dict[str, dict] = {
+    # Pretrain.py, Pretrain_nlvr.py; VQA.py training questions.
+    "pretrain": {"padding": "longest", "truncation": True, "max_length": 25},
+    # Retrieval.py and Grounding.py training.
+    # ALBEF parity: max_length without truncation does nothing; captions of any length pass.
+    "retrieval_train": {"padding": "longest", "max_length": 30},
+    # Retrieval.py evaluation: every text padded or cut to exactly 30 tokens.
+    "retrieval_eval": {"padding": "max_length", "truncation": True, "max_length": 30},
+    # NLVR.py, VE.py (train and eval), VQA.py evaluation questions, Grounding.py evaluation.
+    "longest": {"padding": "longest"},
+    # VQA.py answers, each given the suffix "[SEP]" (config `eos`) before tokenisation.
+    "vqa_answers": {"padding": "longest"},
+}
+
+
+def _truncate_words(text: str, max_words: int) -> str:
+    # ALBEF parity: words are split on single spaces only, so a lone "\n" or "\t" stays inside a word.
+    return " ".join(text.split(" ")[:max_words])
+
+
+def pre_caption(caption: str, max_words: int) -> str:
+    """Lower-case, drop `,.'!?"()*#:;~`, turn `-` and `/` into spaces, `<person>` into `person`,
+    squeeze whitespace runs of 2+ into one space, strip, keep the first `max_words` words."""
+    caption = caption.lower().translate(_NORMALISE).replace("<person>", "person")
+    caption = _WHITESPACE_RUN.sub(" ", caption)
+    # ALBEF parity: strips trailing newlines, then spaces (a lone newline can survive inside).
+    caption = caption.rstrip("\n").strip(" ")
+    return _truncate_words(caption, max_words)
+
+
+def pre_question(question: str, max_ques_words: int) -> str:
+    """Like `pre_caption` but, as in the original, without squeezing whitespace, without the
+    `<person>` rule, and stripping only trailing spaces (leading spaces and newlines stay)."""
+    question = question.lower().translate(_NORMALISE).rstrip(" ")
+    return _truncate_words(question, max_ques_words)
+
+
+def build_tokenizer(name_or_path: str | os.PathLike) -> BertTokenizerFast:
+    """A BERT WordPiece tokenizer that, like the original's, puts [CLS] before a single text and no
+    [SEP] after it.
+
+    `name_or_path`: a local folder with the tokenizer files (`vocab.txt` is enough; the original uses
+    bert-base-uncased) or a hub name such as "bert-base-uncased".
+    """
+    tokenizer = BertTokenizerFast.from_pretrained(os.fspath(name_or_path))
+    # A packaged tokenizer.json may carry preset padding/truncation (sentence-transformers folders do);
+    # only the arguments of each call should count.
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
+    cls, sep = tokenizer.cls_token, tokenizer.sep_token
+    # ALBEF parity: the original tokenizer class never appends [SEP] to a single text (quirk 1);
+    # truncation to max_length then keeps max_length tokens including [CLS]. Pairs are unchanged.
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{cls} $A",
+        pair=f"{cls} $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, tokenizer.cls_token_id), (sep, tokenizer.sep_token_id)],
+    )
+    return tokenizer
+
+
+def tokenize(
+    tokenizer: BertTokenizerFast,
+    texts: list[str],
+    *,
+    padding: bool | str = "longest",
+    truncation: bool = False,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both int64 [B, L]: `[CLS] tokens [PAD]...`, as the original.
+
+    The keyword arguments are those of the original scripts (see `TOKENIZER_SETTINGS`); a literal
+    "[SEP]" inside a text becomes id 102 (VQA answers). `tokenizer` must come from `build_tokenizer`.
+    """
+    if tokenizer.num_special_tokens_to_add(pair=False) != 1:
+        raise ValueError("tokenizer appends [SEP] to single texts; use datasets.text.build_tokenizer")
+    enc = tokenizer(
+        list(texts),
+        padding=padding,
+        truncation=truncation,
+        max_length=max_length,
+        return_token_type_ids=False,
+        return_tensors="pt",
+    )
+    return enc["input_ids"].long(), enc["attention_mask"].long()
