@@ -1,0 +1,395 @@
+"""The engine in utils.py on toy models and datasets: config, optimizer groups, lr, checkpoints, the
+resumable sampler and its seeding, exact resume, accumulation, bf16 on CPU, and 2-process DDP."""
+
+import os
+import random
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import utils  # noqa: E402
+from utils import ConfigError, EngineConfig, OptimizerConfig, SchedulerConfig  # noqa: E402
+
+# ------------------------------------------------------------------------------------------ toys
+
+
+@dataclass
+class ToyModelConfig:
+    embed_dim: int = 8
+    queue_size: int = 16
+
+
+@dataclass(kw_only=True)
+class ToyTaskConfig(EngineConfig, ToyModelConfig):
+    train_file: list[str]
+    batch_size: int = 4
+    optimizer: OptimizerConfig
+    schedular: SchedulerConfig
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+YAML_TEXT = """\
+train_file: ['data/coco.json',
+             'data/vg.json']
+# each train_file (json) contains a python list
+embed_dim: 16   # projection size
+batch_size: 8
+optimizer: {opt: adamW, lr: 1e-4, weight_decay: 0.02}
+schedular: {sched: cosine, lr: 1e-4, epochs: 30, min_lr: 1e-5, decay_rate: 1, warmup_lr: 1e-5,
+            warmup_steps: 2000, cooldown_epochs: 0}
+"""
+
+
+class NoisyDataset(torch.utils.data.Dataset):
+    """x + random augmentation from torch, numpy and random; y a fixed linear target."""
+
+    def __init__(self, n: int = 32, dim: int = 4, augment: bool = True):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = self.x @ torch.randn(dim, 2, generator=g)
+        self.augment = augment
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        if self.augment:
+            x = x + 0.1 * torch.randn(x.shape) + float(np.random.uniform(-0.1, 0.1)) + random.uniform(-0.1, 0.1)
+        return {"x": x, "y": self.y[i], "idx": torch.tensor(i)}
+
+
+class ToyModel(nn.Module):
+    def __init__(self, dim: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(dim, 16), nn.Dropout(dropout), nn.Linear(16, 2)
+        self.norm = nn.LayerNorm(16)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.last_dtype = None
+
+    def forward(self, x, y, idx=None, scale: float = 1.0):
+        h = self.fc1(x)
+        self.last_dtype = h.dtype
+        out = self.fc2(self.drop(torch.relu(self.norm(h)))) * self.temp / 0.07
+        loss = ((out.float() - y) ** 2).mean() * scale
+        return {"loss_mse": loss, "loss_reg": 1e-3 * self.temp**2, "out_mean": out.mean().detach()}
+
+
+def _sched(**kw) -> SchedulerConfig:
+    return SchedulerConfig(**({"lr": 0.05, "epochs": 2, "min_lr": 0.001, "warmup_lr": 0.005, "warmup_steps": 3} | kw))
+
+
+def _params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in utils.unwrap(model).parameters()])
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def test_config_overrides_nested_and_lists(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text(YAML_TEXT)
+    opts = ["batch_size=32", "optimizer.lr=2e-4", "train_file=[a.json,b.json]", "grad_clip=1.0", "extra.w=2"]
+    cfg, doc = utils.load_config(str(path), opts, ToyTaskConfig)
+    assert cfg.batch_size == 32 and cfg.optimizer.lr == 2e-4 and cfg.train_file == ["a.json", "b.json"]
+    assert cfg.grad_clip == 1.0 and cfg.extra == {"w": 2.0} and cfg.embed_dim == 16
+    assert cfg.seed == 42 and cfg.queue_size == 16 and cfg.schedular.warmup_steps == 2000  # defaults / file
+    assert type(cfg.schedular.min_lr) is float and type(cfg.embed_dim) is int
+    assert utils.config_to_dict(cfg)["optimizer"] == {"opt": "adamW", "lr": 2e-4, "weight_decay": 0.02}
+    with pytest.raises(ConfigError, match="batch_size"):
+        utils.load_config(str(path), ["batch_size=abc"], ToyTaskConfig)
+    with pytest.raises(ConfigError, match="amp"):
+        utils.load_config(str(path), ["amp=fp16"], ToyTaskConfig)
+
+
+def test_config_unknown_key_names_closest_and_file(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text(YAML_TEXT.replace("batch_size: 8", "batch_sise: 8"))
+    with pytest.raises(ConfigError) as e:
+        utils.load_config(str(path), None, ToyTaskConfig)
+    assert "batch_sise" in str(e.value) and "'batch_size'" in str(e.value) and str(path) in str(e.value)
+    path.write_text(YAML_TEXT.replace("warmup_steps: 2000", "warmup_epochs: 20"))
+    with pytest.raises(ConfigError, match=r"schedular\.warmup_steps"):
+        utils.load_config(str(path), None, ToyTaskConfig)
+    path.write_text(YAML_TEXT)
+    with pytest.raises(ConfigError) as e:
+        utils.load_config(str(path), ["optimizer.lrr=1"], ToyTaskConfig)
+    assert "'optimizer.lr'" in str(e.value) and "--opts" in str(e.value) and str(path) in str(e.value)
+
+
+def test_save_config_keeps_comments_and_overrides(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text(YAML_TEXT)
+    _, doc = utils.load_config(str(path), ["batch_size=32", "optimizer.lr=2e-4"], ToyTaskConfig)
+    out = tmp_path / "out" / "config.yaml"
+    utils.save_config(doc, str(out))
+    text = out.read_text()
+    assert "# each train_file (json) contains a python list" in text and "# projection size" in text
+    cfg, _ = utils.load_config(str(out), None, ToyTaskConfig)
+    assert cfg.batch_size == 32 and cfg.optimizer.lr == 2e-4
+
+
+# ------------------------------------------------------------------------------- optimizer and lr
+
+
+def test_optimizer_groups():
+    model = ToyModel()
+    model.frozen = nn.Parameter(torch.ones(3, 3), requires_grad=False)
+    opt = utils.build_optimizer(model, OptimizerConfig(lr=1e-4, weight_decay=0.02))
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_wd = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert by_wd[0.0] == {"fc1.bias", "fc2.bias", "norm.weight", "norm.bias"}
+    assert by_wd[0.02] == {"fc1.weight", "fc2.weight", "temp"}  # ALBEF parity: 0-dim temp decayed
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"]
+
+
+def test_lr_schedule():
+    cfg = SchedulerConfig(lr=1e-4, epochs=3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=100)
+    assert utils.lr_at(0, 1100, cfg) == pytest.approx(1e-6)
+    assert utils.lr_at(50, 1100, cfg) == pytest.approx((1e-6 + 1e-4) / 2)
+    assert utils.lr_at(100, 1100, cfg) == pytest.approx(1e-4)
+    assert utils.lr_at(600, 1100, cfg) == pytest.approx((1e-4 + 1e-5) / 2)
+    assert utils.lr_at(1100, 1100, cfg) == pytest.approx(1e-5)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1.0)
+    utils.set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_atomic_and_weights_only(tmp_path):
+    random.random(), np.random.rand(), torch.rand(1)
+    path = tmp_path / "ckpt" / "checkpoint_00.pth"
+    state = utils.resume_state(ToyModel(), torch.optim.AdamW(ToyModel().parameters()), {"a": 1}, 0, 5, 5)
+    utils.save_checkpoint(str(path), state)
+    assert os.listdir(path.parent) == ["checkpoint_00.pth"]
+    loaded = utils.load_checkpoint(str(path))
+    assert loaded["step"] == 5 and loaded["lr_scheduler"] == {"step": 5} and len(loaded["rng"]) == 1
+    expect = (random.random(), np.random.rand(), torch.rand(1))
+    utils.restore_rng(loaded["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expect
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(utils.CheckpointError, match=str(bad)):
+        utils.load_checkpoint(str(bad))
+    with pytest.raises(utils.CheckpointError, match="missing.pth"):
+        utils.load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+# --------------------------------------------------------------------------------------- sampler
+
+
+def test_sampler_ranks_disjoint_and_covering():
+    keys = []
+    for rank in range(2):
+        s = utils.ResumableBatchSampler(20, 3, rank=rank, world_size=2, shuffle=True, drop_last=False, seed=1)
+        s.set_epoch(4)
+        batches = list(s)
+        assert len(batches) == len(s) == 4 and all(e == 4 for b in batches for e, _ in b)
+        keys.append([i for b in batches for _, i in b])
+    assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == list(range(20))
+    s2 = utils.ResumableBatchSampler(20, 3, rank=0, world_size=2, shuffle=True, drop_last=False, seed=1)
+    s2.set_epoch(5)
+    assert [i for b in s2 for _, i in b] != keys[0]  # a new order each epoch
+    s3 = utils.ResumableBatchSampler(21, 4, rank=1, world_size=2, shuffle=True, drop_last=True)
+    assert s3.num_batches == 2 and all(len(b) == 4 for b in s3)
+
+
+def test_sampler_set_start_skips_batches():
+    s = utils.ResumableBatchSampler(40, 4, rank=1, world_size=2, shuffle=True, seed=3)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_start(3)
+    assert list(s) == full[3:] and len(s) == len(full) - 3
+
+
+def test_augmentation_seeding_independent_of_workers():
+    ds = NoisyDataset(16)
+
+    def epoch_batches(num_workers: int, epoch: int) -> list:
+        loader = utils.build_loader(ds, 4, shuffle=True, drop_last=True, num_workers=num_workers, seed=7)
+        loader.batch_sampler.set_epoch(epoch)
+        return [b["x"] for b in loader]
+
+    torch.manual_seed(123)
+    a = epoch_batches(0, 1)
+    torch.manual_seed(456)
+    b = epoch_batches(2, 1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    c = epoch_batches(0, 2)
+    assert not torch.equal(torch.cat(a).sum(0), torch.cat(c).sum(0))  # a new augmentation each epoch
+    state = torch.get_rng_state()
+    epoch_batches(0, 1)
+    assert torch.equal(state, torch.get_rng_state())  # loading leaves the training RNG alone
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run(tmp_path, *, resume_from=None, stop_at=None, epochs=2, engine=None, batch_size=4, dropout=0.3,
+         augment=True, seed=0, device="cpu", sgd=False, tb=None):
+    """Train a toy model `epochs` epochs; save + stop after global step `stop_at`; or resume from a file."""
+    engine = engine or EngineConfig(num_workers=0, print_freq=3)
+    dist = utils.DistInfo(device=torch.device(device))
+    utils.seed_everything(seed)
+    model = ToyModel(dropout=dropout).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05) if sgd else utils.build_optimizer(model, OptimizerConfig(lr=0.05))
+    loader = utils.build_loader(NoisyDataset(32, augment=augment), batch_size, shuffle=True, drop_last=True,
+                                num_workers=engine.num_workers, dist=dist, seed=engine.seed)
+    spe = utils.steps_per_epoch(loader, engine.accum_steps)
+    sched = _sched(epochs=epochs, **({"lr": 0.005, "warmup_lr": 0.0005} if sgd else {}))  # SGD: stable
+    start = (0, 0)
+    if resume_from:
+        ckpt = utils.load_checkpoint(resume_from)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = utils.resume_position(ckpt, spe)
+        utils.restore_rng(ckpt["rng"])
+
+    def on_step(step, step_in_epoch):
+        if step == stop_at:
+            state = utils.resume_state(model, opt, {}, epoch, step, step_in_epoch)
+            utils.save_checkpoint(str(tmp_path / "ckpt.pth"), state)
+            raise _Stop
+
+    stats = None
+    for epoch in range(start[0], epochs):
+        try:
+            stats = utils.train_one_epoch(
+                model, loader, opt, epoch=epoch, steps_per_epoch=spe, total_steps=epochs * spe,
+                start_step_in_epoch=start[1] if epoch == start[0] else 0, cfg=engine, sched=sched, dist=dist, tb=tb,
+                forward_kwargs=lambda e, i: {"scale": min(1.0, (e * spe + i + 1) / spe)}, on_step=on_step)
+        except _Stop:
+            return model, None
+    return model, stats
+
+
+@pytest.mark.parametrize("stop_at", [5, 8, 11])  # mid-epoch, at an epoch's end, mid second epoch
+def test_resume_is_exact(tmp_path, stop_at):
+    straight, stats = _run(tmp_path)
+    assert set(stats) == {"lr", "loss_mse", "loss_reg", "out_mean"}
+    _run(tmp_path, stop_at=stop_at)
+    resumed, _ = _run(tmp_path, resume_from=str(tmp_path / "ckpt.pth"), seed=99)  # a different seed is overridden
+    torch.testing.assert_close(_params(resumed), _params(straight), rtol=0, atol=1e-6)
+    other, _ = _run(tmp_path, seed=5)
+    assert not torch.allclose(_params(other), _params(straight))  # dropout does matter
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_is_exact_cuda(tmp_path):
+    """amp auto (bf16 on CUDA), fused AdamW, pinned memory, 2 workers, CUDA dropout RNG."""
+    engine = EngineConfig(num_workers=2, print_freq=3)
+    straight, _ = _run(tmp_path, engine=engine, device="cuda")
+    assert straight.last_dtype == torch.bfloat16
+    assert utils.build_optimizer(straight, OptimizerConfig(lr=0.1)).defaults["fused"]
+    _run(tmp_path, stop_at=5, engine=engine, device="cuda")
+    resumed, _ = _run(tmp_path, resume_from=str(tmp_path / "ckpt.pth"), seed=99, engine=engine, device="cuda")
+    torch.testing.assert_close(_params(resumed), _params(straight), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sgd", [False, True])  # SGD: also sensitive to the gradients' scale
+def test_accumulation_matches_large_batch(tmp_path, sgd):
+    big, big_stats = _run(tmp_path, batch_size=8, dropout=0.0, sgd=sgd)
+    engine = EngineConfig(num_workers=0, accum_steps=2)
+    accum, accum_stats = _run(tmp_path, batch_size=4, dropout=0.0, engine=engine, sgd=sgd)
+    torch.testing.assert_close(_params(accum), _params(big), rtol=1e-5, atol=1e-6)
+    assert accum_stats == pytest.approx(big_stats, rel=1e-5)
+
+
+def test_bf16_autocast_on_cpu_and_clipping(tmp_path, caplog):
+    caplog.set_level("INFO")
+    model, stats = _run(tmp_path, epochs=1, engine=EngineConfig(num_workers=0, amp="bf16", grad_clip=0.5))
+    assert model.last_dtype == torch.bfloat16 and np.isfinite(stats["loss_mse"]) and "grad_norm" in stats
+    assert any("Train Epoch: [0]" in r.message and "eta:" in r.message for r in caplog.records)
+    fp32, _ = _run(tmp_path, epochs=1, engine=EngineConfig(num_workers=0, amp="auto"))
+    assert fp32.last_dtype == torch.float32  # auto is fp32 on CPU
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+
+def test_tensorboard_gets_every_step(tmp_path):
+    tb = FakeWriter()
+    _run(tmp_path, epochs=1, tb=tb, engine=EngineConfig(num_workers=0, print_freq=3))
+    steps = {tag: [s for t, _, s in tb.scalars if t == tag] for tag, _, _ in tb.scalars}
+    assert steps["train/loss_mse"] == steps["train/lr"] == steps["train/out_mean"] == list(range(8))
+    assert steps["train/throughput"] == [0, 3, 6, 7]  # at each progress line
+    lrs = [v for t, v, _ in tb.scalars if t == "train/lr"]
+    assert lrs[0] == pytest.approx(0.005) and lrs[3] == pytest.approx(0.05)  # warm-up over 3 steps
+
+
+def test_logging_files(tmp_path):
+    import logging
+
+    utils.setup_logging(str(tmp_path), rank=0)
+    try:
+        logging.getLogger("utils").info("hello run.log")
+        utils.append_log(str(tmp_path), {"train_lr": 1e-4, "epoch": 0})
+        assert "hello run.log" in (tmp_path / "run.log").read_text()
+        assert (tmp_path / "log.txt").read_text() == '{"train_lr": 0.0001, "epoch": 0}\n'
+        writer = utils.build_tb_writer(str(tmp_path))
+        writer.add_scalar("train/x", 1.0, 0)
+        writer.close()
+        assert any((tmp_path / "tb").iterdir())
+    finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_engine", False)]:
+            root.removeHandler(h)
+            h.close()
+
+
+# ------------------------------------------------------------------------------------- distributed
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = utils.init_distributed("cpu")
+    try:
+        engine = EngineConfig(num_workers=0, accum_steps=2, print_freq=2)
+        torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
+        model = utils.wrap_ddp(ToyModel(dropout=0.2), dist)
+        utils.seed_everything(engine.seed, dist.rank)
+        opt = utils.build_optimizer(model, OptimizerConfig(lr=0.05))
+        loader = utils.build_loader(NoisyDataset(32), 4, shuffle=True, drop_last=True, num_workers=0,
+                                    dist=dist, seed=engine.seed)
+        spe = utils.steps_per_epoch(loader, engine.accum_steps)
+        seen = [int(i) for b in loader for i in b["idx"]]
+        stats = utils.train_one_epoch(model, loader, opt, epoch=0, steps_per_epoch=spe, total_steps=spe,
+                                      cfg=engine, sched=_sched(epochs=1), dist=dist)
+        state = utils.resume_state(model, opt, {}, 0, spe, spe)
+        torch.save({"params": _params(model), "seen": seen, "stats": stats, "n_rng": len(state["rng"])},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        utils.cleanup_distributed()
+
+
+def test_ddp_two_processes_stay_in_sync(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    assert not set(r0["seen"]) & set(r1["seen"]) and len(r0["seen"]) == len(r1["seen"]) == 16
+    assert r0["stats"] == r1["stats"] and r0["n_rng"] == 2

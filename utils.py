@@ -1,0 +1,733 @@
+"""The training engine shared by every task script: config, distributed setup, resumable loaders,
+optimizer and lr schedule, logging, checkpoints, and the one training loop `train_one_epoch`.
+
+Vocabulary: a *batch* is what the loader yields (one micro-batch); a *step* is one optimizer step,
+`accum_steps` batches. Global steps count optimizer steps from the start of training and drive the
+lr schedule; checkpoints store them (and every RNG) so a killed run resumes on the same trajectory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import types
+import typing
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+logger = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------------------- config
+
+
+class ConfigError(ValueError):
+    """A config file or an `--opts` override that does not fit the task's schema."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """The YAML section `optimizer`. Only AdamW exists (ALBEF uses nothing else)."""
+
+    opt: str = "adamW"
+    lr: float
+    weight_decay: float = 0.02
+
+    def __post_init__(self):
+        if self.opt.lower() != "adamw" or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need opt 'adamW', lr > 0, weight_decay >= 0; got {self}")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    """The YAML section `schedular` (ALBEF parity: the original's spelling, so its files carry over).
+
+    Linear warm-up from `warmup_lr` to `lr` over `warmup_steps` optimizer steps, then cosine to `min_lr`
+    at the last step of `epochs`. The original's `warmup_epochs: 20` stepped a timm scheduler every 100
+    iterations (its `step_size`): that is `warmup_steps: 2000` here. `decay_rate` and `cooldown_epochs`
+    are accepted so the original files load; with one cosine cycle they are unused.
+    """
+
+    sched: str = "cosine"
+    lr: float
+    epochs: int
+    min_lr: float = 0.0
+    warmup_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_rate: float = 1.0  # unused
+    cooldown_epochs: int = 0  # unused
+
+    def __post_init__(self):
+        if self.sched != "cosine" or self.lr <= 0 or min(self.min_lr, self.warmup_lr, self.warmup_steps) < 0:
+            raise ValueError(f"need sched 'cosine', lr > 0, min_lr, warmup_lr, warmup_steps >= 0; got {self}")
+        if self.epochs < 1:
+            raise ValueError(f"need epochs >= 1, got {self.epochs}")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Knobs of `train_one_epoch` and the loaders. A task schema inherits it beside the model's config,
+    EngineConfig first so its `__post_init__` chains on to the model's:
+    `@dataclass(kw_only=True) class PretrainConfig(EngineConfig, ALBEFConfig)`."""
+
+    amp: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16"; "fp32"
+    grad_clip: float | None = None  # max global grad norm; None: no clipping (the original)
+    accum_steps: int = 1  # batches per optimizer step
+    print_freq: int = 50  # optimizer steps between progress lines
+    save_every_steps: int = 0  # mid-epoch checkpoints, read by the scripts' on_step; 0: off
+    num_workers: int = 4
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.amp not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'fp32', got {self.amp!r}")
+        if min(self.accum_steps, self.print_freq) < 1 or min(self.save_every_steps, self.num_workers) < 0:
+            raise ValueError("need accum_steps, print_freq >= 1 and save_every_steps, num_workers >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if (parent := getattr(super(), "__post_init__", None)) is not None:
+            parent()
+
+
+def _round_trip() -> YAML:
+    yaml = YAML()  # round-trip: comments, key order and flow style survive save_config
+    yaml.preserve_quotes = True
+    return yaml
+
+
+def load_config(path: str, opts: list[str] | None, schema: type) -> tuple[typing.Any, typing.Any]:
+    """Read `path`, apply `opts` ("a.b=value", the value parsed as YAML), build the dataclass `schema`
+    (fields typed as dataclasses are nested sections). Returns (config, ruamel document with the
+    overrides applied) so the script can `save_config` what it actually ran."""
+    path = str(path)
+    try:
+        with open(path) as f:
+            doc = _round_trip().load(f) or {}
+    except (OSError, YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    from_opts = set()
+    for opt in opts or []:
+        key, sep, text = opt.partition("=")
+        parts, node = key.strip().split("."), doc
+        if not sep or not all(parts):
+            raise ConfigError(f"--opts {opt!r}: expected key=value")
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"--opts {opt!r}: '{'.'.join(parts[:i + 1])}' in {path} is not a section")
+        node[parts[-1]] = YAML(typ="safe", pure=True).load(text)
+        from_opts.add(".".join(parts))
+    return _build(schema, doc, "", (path, from_opts)), doc
+
+
+def save_config(doc: typing.Any, path: str) -> None:
+    """Write the document from `load_config`, comments kept; rank 0 only."""
+    if is_main_process():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            _round_trip().dump(doc, f)
+
+
+def config_to_dict(cfg: typing.Any) -> dict:
+    """Plain nested dict of a config dataclass (a checkpoint's `config`: loads with weights_only)."""
+    return dataclasses.asdict(cfg)
+
+
+def _build(schema: type, data: Mapping, prefix: str, ctx: tuple[str, set[str]]):
+    path, from_opts = ctx
+    fields, hints = {f.name: f for f in dataclasses.fields(schema) if f.init}, typing.get_type_hints(schema)
+    for key in map(str, data):
+        if key not in fields:
+            where = f"--opts (config file {path})" if prefix + key in from_opts else path
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}' in {where}; {hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name, ctx)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{path}: missing required key '{prefix}{name}'")
+    try:
+        return schema(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: invalid {'section ' + prefix[:-1] if prefix else 'config'}: {e}") from e
+
+
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def _coerce(value, tp, key: str, ctx: tuple[str, set[str]]):
+    """`value` checked against the annotation `tp`, converted to plain Python types."""
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return _build(tp, value, key + ".", ctx)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, arg, key, ctx)
+    elif tp in _SCALARS:
+        if isinstance(value, _SCALARS[tp]) and (tp is bool or not isinstance(value, bool)):
+            return tp(value)
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        items = [_coerce(v, args[0] if args else typing.Any, f"{key}[{i}]", ctx) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    elif origin is dict and isinstance(value, Mapping):
+        return {str(k): _coerce(v, args[1] if args else typing.Any, f"{key}.{k}", ctx) for k, v in value.items()}
+    elif tp is typing.Any or (origin is typing.Literal and value in args):
+        return _plain(value)
+    name = getattr(tp, "__name__", None) or str(tp)
+    raise ConfigError(f"{ctx[0]}: '{key}' expects {name}, got {type(value).__name__} {value!r}")
+
+
+def _plain(value):
+    """ruamel's commented and scalar subclasses → dict, list, bool, int, float, str."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return next((t(value) for t in _SCALARS if isinstance(value, t)), value)
+
+
+# --------------------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits. World size 1 has no process group and runs the same code."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """From torchrun's RANK, WORLD_SIZE, LOCAL_RANK (absent: one process). `device` "cuda" or "cpu",
+    default CUDA when available; the process group is NCCL on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)  # raises when CUDA is absent
+    if world_size > 1 and not tdist.is_initialized():
+        cuda = dev.type == "cuda"
+        tdist.init_process_group(backend="nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    logger.info("process %d/%d on %s", rank, world_size, dev)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
+
+
+def barrier() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """ALBEF parity: seed + rank, so ranks draw different dropout and MLM masks."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def wrap_ddp(model: nn.Module, dist: DistInfo, **ddp_kwargs) -> nn.Module:
+    """DDP on several processes, the bare model on one."""
+    if dist.world_size == 1:
+        return model
+    return DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, **ddp_kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def mix_seed(*parts) -> int:
+    """A 63-bit seed that is a pure function of `parts`, the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch (CPU), `random` and numpy seeded from `seed`, then put their states back,
+    so the training RNG stream (dropout, MLM masks) never depends on data loading."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+class ResumableBatchSampler(Sampler):
+    """Per-rank batches of `(epoch, index)` keys.
+
+    The order is a permutation seeded by (seed, epoch), split across ranks like `DistributedSampler`
+    (padded by wrapping, or truncated with `drop_last`), so every rank yields the same number of
+    batches. `set_start(b)` skips the first `b` batches without loading them (mid-epoch resume);
+    `len()` counts the batches still to come, `num_batches` the whole epoch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = True, seed: int = 0):
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+        self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, 0, 0
+        div = (lambda a, b: a // b) if drop_last else (lambda a, b: -(-a // b))
+        self.per_rank = div(num_samples, world_size)
+        self.num_batches = div(self.per_rank, batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, batch_index: int) -> None:
+        if not 0 <= batch_index <= self.num_batches:
+            raise ValueError(f"start batch {batch_index} outside an epoch of {self.num_batches} batches")
+        self.start = batch_index
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+    def rank_indices(self) -> list[int]:
+        n, total = self.num_samples, self.per_rank * self.world_size
+        order = list(range(n))
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))).tolist()
+        order += (order * math.ceil(max(0, total - n) / n))[: max(0, total - n)]
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self):
+        idx, bs = self.rank_indices(), self.batch_size
+        for b in range(self.start, self.num_batches):
+            yield [(self.epoch, i) for i in idx[b * bs:(b + 1) * bs]]
+
+
+class SeededDataset(Dataset):
+    """`dataset[index]` with every RNG seeded from (seed, epoch, index): augmentation is a pure function
+    of the sample's key, whatever the worker count or resume point. Attributes of the inner dataset
+    (annotations for evaluation) are reachable through the wrapper."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        with seeded(mix_seed(self.seed, "sample", *key)):
+            return key, self.dataset[key[1]]
+
+    def __getattr__(self, name: str):
+        if name in ("dataset", "seed") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class SeededCollate:
+    """The dataset's collate, seeded from the batch's keys, which it then drops."""
+
+    def __init__(self, collate_fn: Callable | None, seed: int):
+        self.collate_fn, self.seed = collate_fn or default_collate, seed
+
+    def __call__(self, items: list):
+        with seeded(mix_seed(self.seed, "collate", tuple(k for k, _ in items))):
+            return self.collate_fn([sample for _, sample in items])
+
+
+def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool,
+                 collate_fn: Callable | None = None, num_workers: int = 4, dist: DistInfo | None = None,
+                 seed: int = 0) -> DataLoader:
+    """This rank's loader; its batches and augmentations depend only on (seed, epoch, position).
+    `train_one_epoch` sets its epoch and start batch (`loader.batch_sampler`)."""
+    dist = dist or DistInfo()
+    sampler = ResumableBatchSampler(len(dataset), batch_size, rank=dist.rank, world_size=dist.world_size,
+                                    shuffle=shuffle, drop_last=drop_last, seed=seed)
+    return DataLoader(SeededDataset(dataset, seed), batch_sampler=sampler, collate_fn=SeededCollate(collate_fn, seed),
+                      num_workers=num_workers, pin_memory=dist.device.type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))  # the workers' base seed: not the global RNG
+
+
+# --------------------------------------------------------------------------------- optimizer and lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW without weight decay on 1-D tensors and `.bias`; frozen params left out. ALBEF parity:
+    pos_embed, cls_token and the 0-dim `temp` are decayed, as timm's `add_weight_decay` did."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
+    fast = {"fused": True} if all(p.is_cuda for p in decay + no_decay) else {"foreach": True}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **fast)
+
+
+def lr_at(step: int, total_steps: int, cfg: SchedulerConfig) -> float:
+    """The lr of optimizer step `step` (0-based): linear warmup_lr → lr over `warmup_steps`, then cosine
+    lr → min_lr, reaching min_lr at `total_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------------- logging
+
+
+def setup_logging(output_dir: str | None, rank: int = 0) -> None:
+    """Rank 0: INFO to stdout and `output_dir/run.log`; other ranks: WARNING to stdout. Once per script
+    (again replaces the handlers it added)."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_engine", False)]:
+        root.removeHandler(h)
+        h.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if rank == 0 and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "run.log")))
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._engine = True
+        root.addHandler(h)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def build_tb_writer(output_dir: str):
+    """A TensorBoard SummaryWriter on `output_dir/tb` for rank 0; None elsewhere."""
+    if not is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only where needed
+
+    return SummaryWriter(os.path.join(output_dir, "tb"))
+
+
+def append_log(output_dir: str, stats: dict) -> None:
+    """One JSON line in `output_dir/log.txt`, the original's `{"train_lr": .., ..., "epoch": e}` (numbers
+    where it wrote "%.3f" strings); rank 0 only."""
+    if is_main_process():
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+class SmoothedValue:
+    """Median over a window and the global average of a host-side series."""
+
+    def __init__(self, window_size: int = 50, fmt: str = "{median:.4f} ({global_avg:.4f})"):
+        self.window, self.total, self.count, self.fmt = deque(maxlen=window_size), 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.total, self.count = self.total + value * n, self.count + n
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(1, self.count)
+
+    def __str__(self) -> str:
+        median, last = (float(np.median(self.window)), self.window[-1]) if self.window else (math.nan, math.nan)
+        return self.fmt.format(median=median, global_avg=self.global_avg, value=last)
+
+
+class MetricLogger:
+    """Named SmoothedValues fed with one dict per step. Tensors stay on device until `flush()` reads all
+    of them back in one transfer (at print time: no GPU sync inside a step); the buffered per-step
+    values then go to TensorBoard at their own global step."""
+
+    def __init__(self, window_size: int = 50, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = {}
+        self.window_size, self.delimiter = window_size, delimiter
+        self.pending: list[tuple[int, dict[str, float], list[str], torch.Tensor]] = []
+
+    def update(self, step: int, **values: torch.Tensor | float) -> None:
+        tensors = {k: v.detach().float().reshape(()) for k, v in values.items() if isinstance(v, torch.Tensor)}
+        floats = {k: float(v) for k, v in values.items() if k not in tensors}
+        self.pending.append((step, floats, list(tensors), torch.stack(list(tensors.values())) if tensors else None))
+
+    def flush(self, tb=None) -> None:
+        rows = [r for *_, r in self.pending if r is not None]
+        flat = iter(torch.cat([r.to(rows[0].device) for r in rows]).tolist() if rows else [])  # the one sync
+        for step, floats, keys, _ in self.pending:
+            values = floats | dict(zip(keys, flat))  # zip stops at the end of keys: flat stays aligned
+            for k, v in values.items():
+                if k not in self.meters:
+                    fmt = "{value:.6f}" if k == "lr" else "{median:.4f} ({global_avg:.4f})"
+                    self.meters[k] = SmoothedValue(self.window_size, fmt)
+                self.meters[k].update(v)
+                if tb is not None:
+                    tb.add_scalar(f"train/{k}", v, step)
+        self.pending.clear()
+
+    def synchronize(self, device: torch.device) -> None:
+        """Sum counts and totals over ranks (collective; the windows stay local)."""
+        if tdist.is_available() and tdist.is_initialized():
+            names = sorted(self.meters)
+            t = torch.tensor([[self.meters[k].count, self.meters[k].total] for k in names], dtype=torch.float64)
+            t = t.to(device)
+            tdist.all_reduce(t)
+            for k, (count, total) in zip(names, t.tolist()):
+                self.meters[k].count, self.meters[k].total = int(count), total
+
+    def global_avg(self) -> dict[str, float]:
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{k}: {m}" for k, m in self.meters.items())
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(RuntimeError):
+    """A file that is missing, not a checkpoint, or not loadable with weights_only."""
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write `path.tmp`, then `os.replace` it onto `path`: a crash never leaves a torn checkpoint.
+    Rank 0 only."""
+    if not is_main_process():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """`torch.load(weights_only=True)` onto the CPU; errors name the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every unpickling failure is the same user error
+        raise CheckpointError(f"{path}: not a loadable checkpoint (weights_only): {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(state).__name__}")
+    return state
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain lists (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": [version, list(mt), gauss],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def restore_rng(rng: list[dict] | dict, rank: int | None = None) -> None:
+    """Put back this rank's entry of a checkpoint's `rng`. Call it last, after building the model and
+    optimizer, since building draws random numbers."""
+    if rank is None:
+        rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+    if isinstance(rng, list):
+        if rank >= len(rng):
+            logger.warning("checkpoint has RNG states of %d ranks; rank %d keeps its own seed", len(rng), rank)
+            return
+        rng = rng[rank]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    version, mt, gauss = rng["python"]
+    random.setstate((version, tuple(mt), gauss))
+    keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg_dict: dict | typing.Any,
+                 epoch: int, step: int, step_in_epoch: int) -> dict:
+    """The checkpoint dict: the original's layout (`model`, `optimizer`, `lr_scheduler`, `config`,
+    `epoch`) plus `step` (optimizer steps done in all), `step_in_epoch` (done in `epoch`) and `rng`
+    (a list, one entry per rank). Collective: every rank calls it, rank 0 then saves."""
+    gathered = [rng_state()]
+    if tdist.is_available() and tdist.is_initialized():
+        gathered, local = [None] * tdist.get_world_size(), gathered[0]
+        tdist.all_gather_object(gathered, local)
+    if dataclasses.is_dataclass(cfg_dict):
+        cfg_dict = config_to_dict(cfg_dict)
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": {"step": step}, "config": cfg_dict, "epoch": epoch,
+            "step": step, "step_in_epoch": step_in_epoch, "rng": gathered}
+
+
+def resume_position(state: dict, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, step_in_epoch) to continue from. A finished epoch, or an original ALBEF checkpoint
+    (no `step_in_epoch`), continues with the next epoch."""
+    done = state.get("step_in_epoch", steps_per_epoch)
+    return (state["epoch"] + 1, 0) if done >= steps_per_epoch else (state["epoch"], done)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def steps_per_epoch(loader: DataLoader, accum_steps: int) -> int:
+    """Optimizer steps in one epoch of `loader`; a last incomplete accumulation group is not run."""
+    return getattr(loader.batch_sampler, "num_batches", len(loader)) // accum_steps
+
+
+def autocast_context(amp: str, device: torch.device):
+    """bf16 autocast for "bf16", and for "auto" on CUDA; nothing for fp32."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(obj, device: torch.device):
+    """Tensors in nested dicts, lists and tuples moved non_blocking; other objects with `.to` (a
+    tokenizer's BatchEncoding) moved whole; anything else left alone."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj.to(device) if callable(getattr(obj, "to", None)) else obj
+
+
+def _accumulate(model: nn.Module, batches, micro: int, extra: dict, amp: str, device) -> tuple[dict, int]:
+    """Forward and backward of `micro` batches: the outputs averaged over them, and the sample count.
+    Under DDP, gradients are all-reduced on the last batch only (`no_sync` before it)."""
+    sums: dict[str, torch.Tensor] = {}
+    samples = 0
+    for m in range(micro):
+        if (batch := next(batches, None)) is None:
+            raise RuntimeError("the loader ran out of batches before the epoch's last step")
+        batch = to_device(batch, device)
+        samples += next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim), 0)
+        with model.no_sync() if isinstance(model, DDP) and m < micro - 1 else contextlib.nullcontext():
+            with autocast_context(amp, device):
+                out = model(**batch, **extra)
+            losses = [v for k, v in out.items() if k.startswith("loss")]
+            if not losses:
+                raise ValueError(f"forward returned no 'loss*' key, only {sorted(out)}")
+            (sum(losses) / micro).backward()
+        for k, v in out.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            if v.numel() != 1:
+                raise ValueError(f"forward output '{k}' must be a scalar, has shape {tuple(v.shape)}")
+            sums[k] = sums[k] + v / micro if k in sums else v / micro
+    return sums, samples
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, epoch: int,
+                    steps_per_epoch: int, total_steps: int, start_step_in_epoch: int = 0,
+                    cfg: EngineConfig, sched: SchedulerConfig, dist: DistInfo, tb=None,
+                    forward_kwargs: Callable[[int, int], dict] | None = None,
+                    on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Train optimizer steps `start_step_in_epoch` .. `steps_per_epoch - 1` of `epoch`.
+
+    Each step: lr = `lr_at(global step)`; `cfg.accum_steps` batches, each a dict of forward's arguments
+    plus `forward_kwargs(epoch, step_in_epoch)`; the sum of the `loss*` outputs backpropagated under
+    `cfg.amp`; clipping to `cfg.grad_clip`; the optimizer step; then `on_step(steps done in all, steps
+    done in this epoch)`, the values a checkpoint stores. Every output key is logged. Every rank runs
+    the same number of forwards (ALBEF updates its queues inside forward). Returns this call's
+    averages over all ranks, keyed like the outputs plus `lr` (and `grad_norm` with clipping).
+    """
+    model.train()
+    micro, sampler = cfg.accum_steps, loader.batch_sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if hasattr(sampler, "set_start"):
+        sampler.set_start(start_step_in_epoch * micro)
+        if sampler.num_batches < steps_per_epoch * micro:
+            raise ValueError(f"{steps_per_epoch} steps × {micro} batches > {sampler.num_batches} batches per epoch")
+    elif start_step_in_epoch:
+        raise ValueError("resuming mid-epoch needs a loader from build_loader")
+    metrics, data_time, header = MetricLogger(), SmoothedValue(), f"Train Epoch: [{epoch}]"
+    batches, params = _timed(iter(loader), data_time), [p for p in model.parameters() if p.requires_grad]
+    start_time = window_time = time.perf_counter()
+    window_samples = 0
+    for i in range(start_step_in_epoch, steps_per_epoch):
+        step = epoch * steps_per_epoch + i
+        set_lr(optimizer, lr := lr_at(step, total_steps, sched))
+        extra = forward_kwargs(epoch, i) if forward_kwargs else {}
+        out, samples = _accumulate(model, batches, micro, extra, cfg.amp, dist.device)
+        if cfg.grad_clip is not None:
+            out["grad_norm"] = nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update(step, lr=lr, **out)
+        window_samples += samples
+        if (i - start_step_in_epoch) % cfg.print_freq == 0 or i == steps_per_epoch - 1:
+            metrics.flush(tb)
+            now = time.perf_counter()
+            if tb is not None:
+                tb.add_scalar("train/throughput", window_samples * dist.world_size / max(now - window_time, 1e-9), step)
+            window_time, window_samples = now, 0
+            per_step = (now - start_time) / (i - start_step_in_epoch + 1)
+            eta = datetime.timedelta(seconds=int(per_step * (steps_per_epoch - i - 1)))
+            parts = [header, f"[{i:>{len(str(steps_per_epoch))}}/{steps_per_epoch}]", f"eta: {eta}", str(metrics),
+                     f"time: {per_step:.4f}", f"data: {data_time.global_avg:.4f}"]
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+            logger.info(metrics.delimiter.join(parts))
+        if on_step is not None:
+            on_step(step + 1, i + 1)
+    metrics.flush(tb)
+    metrics.synchronize(dist.device)
+    logger.info("Averaged stats: %s", "  ".join(f"{k}: {v:.4f}" for k, v in metrics.global_avg().items()))
+    return metrics.global_avg()
+
+
+def _timed(batches, meter: SmoothedValue):
+    """`batches`, recording in `meter` the host time spent waiting for each."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        meter.update(time.perf_counter() - t0)
+        yield batch
