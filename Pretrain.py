@@ -68,7 +68,7 @@ def main(argv=None) -> ALBEF:
     utils.seed_everything(cfg.seed, dist.rank)
 
     bert_cfg = build_bert_config(cfg)
-    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
     dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
     loader = utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True,

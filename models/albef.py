@@ -29,6 +29,7 @@ class ALBEFConfig:
 
     bert_config: str = "configs/config_bert.json"  # BERT sizes + fusion_layer + encoder_width
     text_encoder: str | None = "bert-base-uncased"  # HF name or folder: BERT weights and tokenizer
+    tokenizer: str | None = None  # HF name or folder of the vocabulary; None: the text_encoder's
     vit_init: str | None = None  # timm name or local file for the ViT (DeiT-B/16 in the original)
     image_res: int = 256
     vit_patch_size: int = 16
@@ -46,6 +47,13 @@ class ALBEFConfig:
     def __post_init__(self):
         if self.vision_width != self.vit_width:
             raise ValueError(f"vision_width ({self.vision_width}) must equal vit_width ({self.vit_width})")
+
+    @property
+    def tokenizer_source(self) -> str:
+        source = self.tokenizer or self.text_encoder
+        if not source:
+            raise ValueError("set `tokenizer` (or `text_encoder`) to a BERT name or folder with a vocab.txt")
+        return source
 
 
 class CheckpointError(RuntimeError):

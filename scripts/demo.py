@@ -40,7 +40,7 @@ def show_examples(output_dir: str, cfg: PretrainConfig, n: int = 4) -> None:
     model = ALBEF(cfg, build_bert_config(cfg))
     load_model_checkpoint(model, os.path.join(output_dir, "checkpoint_last.pth"))
     dataset = RetrievalEvalDataset(cfg.val_file, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
-    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     sims = itc_similarity(model, dataset, tokenizer, torch.device("cpu"))
     print("\nText -> image on held-out pictures (the caption of the retrieved picture shows what it holds):")
     for t in range(0, len(dataset.texts), max(1, len(dataset.texts) // n))[:n]:

