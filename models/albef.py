@@ -163,7 +163,8 @@ class ALBEFBase(nn.Module):
     @torch.no_grad()
     def copy_params(self) -> None:
         online, twins = self.momentum_pairs()
-        torch._foreach_copy_(twins, online)
+        if online:  # a model without momentum twins (text assignment, distill off) has nothing to copy
+            torch._foreach_copy_(twins, online)
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:

@@ -1,0 +1,204 @@
+"""NLVR2 fine-tuning and evaluation: does a sentence hold for a pair of images? Reports dev and test
+accuracy after every epoch.
+
+    python Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml --checkpoint ALBEF.pth --output_dir output/nlvr_ta
+    torchrun --nproc_per_node=8 NLVR.py --config configs/NLVR.yaml --checkpoint output/nlvr_ta/checkpoint_00.pth
+    python NLVR.py --config configs/NLVR.yaml --checkpoint output/nlvr/checkpoint_best.pth --evaluate
+
+`--checkpoint` takes a text-assignment checkpoint (Pretrain_nlvr.py, the original's route), a
+pretraining checkpoint (its fusion layers duplicated on the fly; `cls_head` new) or a fine-tuned NLVR
+checkpoint. `checkpoint_best.pth` holds the weights of the epoch with the best dev accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import utils
+from datasets.nlvr import NLVRDataset, collate_nlvr
+from datasets.text import build_tokenizer
+from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
+from models.albef import ALBEFConfig, build_bert_config, load_model_checkpoint
+from models.bert import resolve_pretrained
+from models.nlvr import ALBEFNLVR, load_nlvr_checkpoint
+
+logger = logging.getLogger("NLVR")
+
+
+@dataclass(kw_only=True)
+class NLVRConfig(utils.EngineConfig, ALBEFConfig):
+    train_file: list[str]
+    val_file: list[str]
+    test_file: list[str]
+    image_root: str = ""  # prefix of the image paths in the files
+    batch_size: int = 16  # per GPU, training and evaluation
+    max_words: int = 30
+    distill: bool = True  # momentum distillation (momentum 0.995, hard-coded as the original)
+    warm_up: bool = True  # alpha ramps up linearly over the first epoch
+    eval_ema: bool = False  # accepted for the original's files; unused there too
+    # ALBEF parity (false): from a checkpoint without momentum weights, the momentum twins keep the
+    # constructor's (BERT) weights, since NLVR.py copies before loading; true: copy after loading.
+    copy_momentum_after_load: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: list(FINETUNE_SCALE))
+    hflip: bool = True
+    randaugment: bool = True
+    optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=2e-5))
+    schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=2e-5, epochs=10))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/NLVR.yaml")
+    p.add_argument("--output_dir", default="output/nlvr")
+    p.add_argument("--checkpoint", help="initialise from these weights: TA, pretraining or fine-tuned NLVR")
+    p.add_argument("--resume", help="continue a run from its checkpoint_last.pth: weights, optimizer, step, RNG")
+    p.add_argument("--evaluate", action="store_true", help="only report dev and test accuracy")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
+    p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (tests, smoke runs)")
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def evaluate(model: ALBEFNLVR, dataset: NLVRDataset, collate, cfg: NLVRConfig, dist: utils.DistInfo) -> dict:
+    """{"acc": fraction correct} over the whole split: rank r scores samples r, r+W, ... (nothing padded
+    or dropped) and the counts are summed over ranks."""
+    model.eval()
+    shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(shard, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
+                        generator=torch.Generator())  # leaves the training RNG stream alone
+    counts = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for batch in loader:
+        batch = utils.to_device(batch, dist.device)
+        with utils.autocast_context(cfg.amp, dist.device):
+            logits = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"])
+        counts[0] += (logits.argmax(dim=1) == batch["targets"]).sum()
+        counts[1] += batch["targets"].numel()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    return {"acc": (counts[0] / counts[1].clamp(min=1)).item()}
+
+
+def evaluate_splits(model, evals: dict, collate, cfg, dist, epoch: int, tb=None) -> dict[str, float]:
+    stats = {}
+    for split, dataset in evals.items():
+        stats |= {f"{split}_{k}": v for k, v in evaluate(model, dataset, collate, cfg, dist).items()}
+    logger.info("epoch %d: %s", epoch, "  ".join(f"{k}: {100 * v:.2f}%" for k, v in stats.items()))
+    if tb is not None:
+        for k, v in stats.items():
+            tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+    return stats
+
+
+def main(argv=None) -> ALBEFNLVR:
+    """Fine-tunes (or with --evaluate only scores) NLVR; returns the unwrapped model."""
+    args = parse_args(argv)
+    if args.evaluate and not args.checkpoint:
+        raise SystemExit("--evaluate needs --checkpoint")
+    opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
+    dist = utils.init_distributed(args.device)
+    utils.setup_logging(args.output_dir, dist.rank)
+    cfg, doc = utils.load_config(args.config, opts, NLVRConfig)
+    utils.save_config(doc, os.path.join(args.output_dir, "config.yaml"))
+    utils.seed_everything(cfg.seed, dist.rank)
+
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    collate = collate_nlvr(tokenizer)
+    evals = {split: NLVRDataset(files, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
+             for split, files in (("val", cfg.val_file), ("test", cfg.test_file))}
+
+    with utils.seeded(cfg.seed):  # the same new heads on every rank, also for --evaluate (no DDP broadcast)
+        model = ALBEFNLVR(cfg, build_bert_config(cfg), distill=cfg.distill)
+    if args.checkpoint:
+        if not args.evaluate:
+            model.init_pretrained_encoders()  # the constructor's weights: what the checkpoint lacks keeps them
+        load_nlvr_checkpoint(model, args.checkpoint, cfg.copy_momentum_after_load)
+    elif not args.resume:
+        model.init_pretrained_encoders()
+    model.to(dist.device)
+    tb = utils.build_tb_writer(args.output_dir)
+
+    if args.evaluate:
+        stats = evaluate_splits(model, evals, collate, cfg, dist, epoch=-1, tb=tb)
+        utils.append_log(args.output_dir, stats | {"epoch": -1})
+        utils.cleanup_distributed()
+        return model
+
+    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+    dataset = NLVRDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words)
+    loader = utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                                num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
+    steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
+    total_steps = steps_per_epoch * cfg.schedular.epochs
+    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
+                dist.world_size, cfg.batch_size)
+
+    optimizer = utils.build_optimizer(model, cfg.optimizer)
+    start_epoch, start_step, best = 0, 0, -1.0
+    if args.resume:
+        state = load_model_checkpoint(model, args.resume)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step = utils.resume_position(state, steps_per_epoch)
+        best = state.get("best_val_acc", best)
+        utils.restore_rng(state["rng"]) if "rng" in state else None
+        logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
+    ddp_model = utils.wrap_ddp(model, dist)
+
+    def alpha(epoch: int, i: int) -> dict:
+        ramp = min(1.0, i / steps_per_epoch) if epoch == 0 and cfg.warm_up else 1.0
+        return {"alpha": cfg.alpha * ramp}
+
+    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
+        state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch) | {"best_val_acc": best}
+        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
+
+    max_steps = args.max_steps or total_steps
+
+    def on_step(step: int, step_in_epoch: int) -> None:
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            save("checkpoint_last.pth", epoch, step, step_in_epoch)
+        if step >= max_steps and step_in_epoch < steps_per_epoch:  # at an epoch's end: finish it normally
+            raise StopTraining
+
+    for epoch in range(start_epoch, cfg.schedular.epochs):
+        stopped = False
+        try:
+            train_stats = utils.train_one_epoch(
+                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps, start_step_in_epoch=start_step if epoch == start_epoch else 0,
+                cfg=cfg, sched=cfg.schedular, dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
+        except StopTraining:
+            logger.info("stopped after --max_steps %d", max_steps)
+            stopped, train_stats = True, {}
+        stats = evaluate_splits(model, evals, collate, cfg, dist, epoch, tb)
+        if stats["val_acc"] > best:
+            best = stats["val_acc"]
+            utils.save_checkpoint(os.path.join(args.output_dir, "checkpoint_best.pth"),
+                                  {"model": model.state_dict(), "config": utils.config_to_dict(cfg), "epoch": epoch,
+                                   "val_acc": best})
+        step_in_epoch = max_steps - epoch * steps_per_epoch if stopped else steps_per_epoch
+        save("checkpoint_last.pth", epoch, epoch * steps_per_epoch + step_in_epoch, step_in_epoch)
+        utils.append_log(args.output_dir, {f"train_{k}": v for k, v in train_stats.items()} | stats | {"epoch": epoch})
+        if stopped or (epoch + 1) * steps_per_epoch >= max_steps:
+            break
+    logger.info("best dev accuracy %.2f%%", 100 * best)
+    if tb is not None:
+        tb.close()
+    utils.cleanup_distributed()
+    return model
+
+
+class StopTraining(Exception):
+    pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Text-assignment (TA) pretraining for NLVR: the step between Pretrain.py and NLVR.py.
+
+    torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml --checkpoint ALBEF.pth \\
+        --output_dir output/nlvr_ta
+    python NLVR.py --config configs/NLVR.yaml --checkpoint output/nlvr_ta/checkpoint_00.pth
+
+The pretraining checkpoint's fusion layers are duplicated into the two-image encoder (layer l into
+F+2(l-F), reading the left image, and F+2(l-F)+1, reading the right one); then, on image-caption pairs,
+the encoder learns to tell whether a caption belongs to the left image, the right one or neither, the
+other images being hard negatives of the batch. A separate script, as in the original, because its
+data, batch and checkpoints are pretraining's, not NLVR's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+
+import utils
+from datasets.pretrain import PretrainDataset, collate_pretrain
+from datasets.text import build_tokenizer
+from datasets.transforms import PRETRAIN_SCALE, train_transform
+from models.albef import ALBEFConfig, build_bert_config, load_model_checkpoint
+from models.bert import resolve_pretrained
+from models.nlvr import ALBEFTextAssignment, load_text_assignment_checkpoint
+
+logger = logging.getLogger("Pretrain_nlvr")
+
+
+@dataclass(kw_only=True)
+class TAConfig(utils.EngineConfig, ALBEFConfig):
+    train_file: list[str]
+    image_root: str = ""  # prefix of relative image paths ('' : paths used as written, as the original)
+    batch_size: int = 64  # per GPU; at least 3 (two distinct negatives per text)
+    max_words: int = 30
+    skip_bad_images: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: list(PRETRAIN_SCALE))
+    hflip: bool = True
+    randaugment: bool = True
+    optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=2e-5))
+    schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=2e-5, epochs=1))
+
+    def __post_init__(self):
+        if self.batch_size < 3:
+            raise ValueError(f"batch_size must be >= 3 (two distinct negatives per text), got {self.batch_size}")
+        super().__post_init__()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/NLVR_pretrain.yaml")
+    p.add_argument("--output_dir", default="output/nlvr_ta")
+    p.add_argument("--checkpoint", help="initialise from a pretraining (Pretrain.py) or TA checkpoint")
+    p.add_argument("--resume", help="continue a run from its checkpoint_last.pth: weights, optimizer, step, RNG")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
+    p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (tests, smoke runs)")
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> ALBEFTextAssignment:
+    """Runs TA pretraining; returns the trained (unwrapped) model."""
+    args = parse_args(argv)
+    opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
+    dist = utils.init_distributed(args.device)
+    utils.setup_logging(args.output_dir, dist.rank)
+    cfg, doc = utils.load_config(args.config, opts, TAConfig)
+    utils.save_config(doc, os.path.join(args.output_dir, "config.yaml"))
+    utils.seed_everything(cfg.seed, dist.rank)
+
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+    dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
+    loader = utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True,
+                                collate_fn=collate_pretrain(tokenizer), num_workers=cfg.num_workers,
+                                dist=dist, seed=cfg.seed)
+    steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
+    total_steps = steps_per_epoch * cfg.schedular.epochs
+    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
+                dist.world_size, cfg.batch_size)
+
+    model = ALBEFTextAssignment(cfg, build_bert_config(cfg))
+    if args.checkpoint:
+        load_text_assignment_checkpoint(model, args.checkpoint)
+    elif not args.resume:
+        model.init_pretrained_encoders()
+    model.to(dist.device)
+    optimizer = utils.build_optimizer(model, cfg.optimizer)
+    start_epoch, start_step = 0, 0
+    if args.resume:
+        state = load_model_checkpoint(model, args.resume)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step = utils.resume_position(state, steps_per_epoch)
+        utils.restore_rng(state["rng"]) if "rng" in state else None
+        logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
+    # ALBEF parity: text_proj and temp are never used (and vision_proj gets no gradient), as in the original
+    ddp_model = utils.wrap_ddp(model, dist, find_unused_parameters=True)
+    tb = utils.build_tb_writer(args.output_dir)
+
+    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
+        state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
+        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
+
+    max_steps = args.max_steps or total_steps
+
+    def on_step(step: int, step_in_epoch: int) -> None:
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            save("checkpoint_last.pth", epoch, step, step_in_epoch)
+        if step >= max_steps and step_in_epoch < steps_per_epoch:  # at an epoch's end: finish it normally
+            raise StopTraining
+
+    for epoch in range(start_epoch, cfg.schedular.epochs):
+        try:
+            stats = utils.train_one_epoch(
+                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps, start_step_in_epoch=start_step if epoch == start_epoch else 0,
+                cfg=cfg, sched=cfg.schedular, dist=dist, tb=tb, on_step=on_step)
+        except StopTraining:
+            logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
+            step_in_epoch = max_steps - epoch * steps_per_epoch
+            save("checkpoint_last.pth", epoch, max_steps, step_in_epoch)
+            break
+        save(f"checkpoint_{epoch:02d}.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
+        save("checkpoint_last.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
+        utils.append_log(args.output_dir, {f"train_{k}": v for k, v in stats.items()} | {"epoch": epoch})
+        if (epoch + 1) * steps_per_epoch >= max_steps:
+            break
+    if tb is not None:
+        tb.close()
+    utils.cleanup_distributed()
+    return model
+
+
+class StopTraining(Exception):
+    pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""SNLI-VE data in the original's format: JSON lists of `{"image": id or path, "sentence": str,
+"label": "entailment" | "neutral" | "contradiction"}`.
+
+The original files name images by Flickr30k id without extension (`"2248275300"` -> `2248275300.jpg`
+under `image_root`); a name that has an extension is used as written (the demo's `images/x.png`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import Dataset
+from transformers import BertTokenizerFast
+
+from datasets.base import AnnotationError, Annotations, PathLike, image_path, open_image
+from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
+
+# ALBEF parity: the original's class ids.
+LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
+
+Sample = tuple[torch.Tensor, str, int]
+
+
+class VEDataset(Dataset):
+    """(image, normalised hypothesis, class id) triples of one annotation file."""
+
+    def __init__(self, ann_file: PathLike | list[PathLike], transform: Callable, image_root: PathLike | None = None,
+                 max_words: int = 30):
+        self.ann = Annotations(ann_file)
+        self.transform, self.image_root, self.max_words = transform, image_root, max_words
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def label(self, index: int) -> int:
+        value = self.ann.field(index, "label")
+        if value not in LABELS:
+            raise AnnotationError(f"{self.ann.where(index)}: label must be one of {sorted(LABELS)}, got {value!r}")
+        return LABELS[value]
+
+    def __getitem__(self, index: int) -> Sample:
+        name = str(self.ann.field(index, "image"))
+        if not os.path.splitext(name)[1]:
+            name += ".jpg"  # ALBEF parity: VE.py opens '%s.jpg' % image
+        image = open_image(image_path(self.image_root, name), self.ann.where(index))
+        return self.transform(image), pre_caption(self.ann.field(index, "sentence"), self.max_words), self.label(index)
+
+
+def _collate_ve(samples: list[Sample], tokenizer: BertTokenizerFast) -> dict[str, torch.Tensor]:
+    images, sentences, labels = zip(*samples)
+    input_ids, attention_mask = tokenize(tokenizer, list(sentences), **TOKENIZER_SETTINGS["longest"])
+    return {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask,
+            "targets": torch.tensor(labels, dtype=torch.long)}
+
+
+def collate_ve(tokenizer: BertTokenizerFast) -> Callable[[list[Sample]], dict[str, torch.Tensor]]:
+    """DataLoader `collate_fn`: samples -> {"image" [B,3,H,W], "input_ids", "attention_mask" [B,L]
+    (padded to the longest, no truncation, as VE.py), "targets" [B] in {0, 1, 2}}."""
+    return functools.partial(_collate_ve, tokenizer=tokenizer)

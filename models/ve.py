@@ -1,0 +1,85 @@
+"""SNLI-VE visual entailment: does the image entail, contradict or leave open a sentence?
+
+The full text-encoder pass (text layers, then fusion layers cross-attending to the image) feeds a
+3-way classifier on the [CLS] state; training distils from momentum twins as the original does.
+Class ids are the original's: contradiction 0, neutral 1, entailment 2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.albef import (ALBEFBase, ALBEFConfig, CheckpointError, load_checkpoint_file,
+                          load_converted_state_dict, soft_cross_entropy)
+from models.bert import BertConfig
+
+# ALBEF parity: model_ve.py hard-codes the EMA factor; the config's `momentum` is not read (quirk 4).
+VE_MOMENTUM = 0.995
+NUM_CLASSES = 3
+
+
+def classifier_head(width: int, num_classes: int) -> nn.Sequential:
+    """Linear(W, W) -> ReLU -> Linear(W, classes): keys `0.*` and `2.*` as the original's `cls_head`."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+
+class ALBEFVE(ALBEFBase):
+    """`forward(image, input_ids, attention_mask, targets, alpha)` -> {"loss"}; `predict` -> logits [B, 3]."""
+
+    momentum_names = ("visual_encoder", "text_encoder", "cls_head")
+
+    def __init__(self, cfg: ALBEFConfig, bert_cfg: BertConfig, distill: bool = True):
+        super().__init__(cfg, bert_cfg, mlm_head=False)
+        self.cls_head = classifier_head(bert_cfg.hidden_size, NUM_CLASSES)
+        self.distill = distill
+        if distill:
+            self.build_momentum()
+        else:
+            self.momentum_names = ()  # no twins: the original builds none without distillation
+
+    def classify(self, image, input_ids, attention_mask, momentum: bool = False, out=None) -> torch.Tensor:
+        """Logits [B, 3]; `out` collects the hidden states."""
+        sfx = "_m" if momentum else ""
+        vit, bert, head = (getattr(self, n + sfx) for n in ("visual_encoder", "text_encoder", "cls_head"))
+        image_embeds = vit.forward_features(image)
+        hidden = bert(input_ids, attention_mask, image_embeds)
+        prediction = head(hidden[:, 0])
+        if out is not None:
+            out.update({f"image_embeds{sfx}": image_embeds, f"text_hidden{sfx}": hidden,
+                        f"prediction{sfx}": prediction})
+        return prediction
+
+    @torch.no_grad()
+    def predict(self, image, input_ids, attention_mask) -> torch.Tensor:
+        return self.classify(image, input_ids, attention_mask)
+
+    def forward(self, image, input_ids, attention_mask, targets, alpha: float = 0.0, return_outputs: bool = False):
+        out: dict[str, torch.Tensor] = {}
+        prediction = self.classify(image, input_ids, attention_mask, out=out)
+        loss = F.cross_entropy(prediction, targets)
+        if self.distill:
+            with torch.no_grad():
+                self.momentum_update(VE_MOMENTUM)  # ALBEF parity: before the momentum pass, even in eval mode
+                prediction_m = self.classify(image, input_ids, attention_mask, momentum=True, out=out)
+            loss = (1 - alpha) * loss + alpha * soft_cross_entropy(prediction, F.softmax(prediction_m, dim=1))
+        return {"loss": loss} | (out if return_outputs else {})
+
+
+def ve_state_dict(state_dict: dict) -> dict:
+    """VE.py's key loop: every key containing "bert" loses "bert." (a Pretrain.py checkpoint's
+    `text_encoder(_m).bert.*` -> `text_encoder(_m).*`); a fine-tuned VE checkpoint passes unchanged.
+    The momentum twins thus come from the checkpoint's momentum model, as in the original."""
+    return {k.replace("bert.", "") if "bert" in k else k: v for k, v in state_dict.items()}
+
+
+def load_ve_checkpoint(model: ALBEFVE, path: str) -> dict:
+    """Initialise VE from a pretraining or fine-tuned checkpoint; a source without `cls_head`
+    (pretraining) leaves the new heads at their initial values."""
+    ckpt = load_checkpoint_file(path)
+    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
+    new_head = lambda k: k.split(".")[0] in ("cls_head", "cls_head_m")  # noqa: E731
+    return load_converted_state_dict(model, ve_state_dict(sd), path, new_head)
