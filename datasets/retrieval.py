@@ -1,16 +1,21 @@
-"""Image-text retrieval data: the original's evaluation format and its recall metrics.
+"""Image-text retrieval data: the original's training and evaluation formats, its evaluation scores
+and its recall metrics.
 
+Training files are lists of `{"image": path, "caption": str, "image_id": any}` (one caption per entry).
 Evaluation files are lists of `{"image": path, "caption": [c1, c2, ...]}`; texts are numbered in file
 order, so `img2txt[i]` lists the texts of image i and `txt2img[t]` is the image of text t.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from datasets.base import Annotations, image_path, open_image
 from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
+from models.retrieval import rerank_itm, shape_agnostic_attention
 
 
 def index_captions(ann: list[dict]) -> tuple[list[str], list[list[int]], list[int]]:
@@ -82,3 +87,115 @@ def evaluate_itc(model, dataset: RetrievalEvalDataset, tokenizer, device, batch_
     """Zero-shot recall from ITC similarities alone (the fast ranking; no ITM re-ranking)."""
     sims = itc_similarity(model, dataset, tokenizer, device, batch_size).numpy()
     return recall_metrics(sims, sims.T, dataset.txt2img, dataset.img2txt)
+
+
+# ------------------------------------------------------------------------------ fine-tuning data
+
+
+class RetrievalTrainDataset(torch.utils.data.Dataset):
+    """Training pairs `{"image": path, "caption": str, "image_id": any}` from one or several files.
+
+    A sample is (image tensor, normalised caption, idx): `idx` numbers the distinct `image_id`s 0, 1, ...
+    in order of first appearance (as the original), so captions of one image share it and are treated
+    as positives of each other by the model.
+    """
+
+    def __init__(self, ann_files, transform, image_root: str = "", max_words: int = 30):
+        self.ann = Annotations(ann_files)
+        self.transform, self.image_root, self.max_words = transform, image_root, max_words
+        self.img_ids: dict = {}
+        for i in range(len(self.ann)):
+            self.img_ids.setdefault(self.ann.field(i, "image_id"), len(self.img_ids))
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+        path = image_path(self.image_root, self.ann.field(index, "image"))
+        image = self.transform(open_image(path, where=self.ann.where(index)))
+        caption = pre_caption(self.ann.field(index, "caption"), self.max_words)
+        return image, caption, self.img_ids[self.ann[index]["image_id"]]
+
+
+def _collate_retrieval(samples, tokenizer) -> dict[str, torch.Tensor]:
+    images, captions, idx = zip(*samples)
+    input_ids, attention_mask = tokenize(tokenizer, list(captions), **TOKENIZER_SETTINGS["retrieval_train"])
+    return {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask,
+            "idx": torch.tensor(idx, dtype=torch.long)}
+
+
+def collate_retrieval(tokenizer):
+    """DataLoader `collate_fn`: samples -> the retrieval model's forward arguments {"image", "input_ids",
+    "attention_mask", "idx"}, tokenised as the original's training (longest, no truncation)."""
+    return functools.partial(_collate_retrieval, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+RANK_MODES = ("itm", "itc", "itc+itm")
+
+
+@torch.no_grad()
+def retrieval_features(model, dataset: RetrievalEvalDataset, tokenizer, device, batch_size: int = 256,
+                       num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """Every gallery feature the evaluation needs, on `device`: text-mode states `text_embeds` [T, 30, H]
+    with `text_mask` [T, 30] and `text_feat` [T, E]; ViT states `image_embeds` [I, N, W] and
+    `image_feat` [I, E] (normalised projected CLS, as `itc_similarity`).
+
+    Texts run in order of length, each batch cut to its longest text; the states of padded positions
+    are left at 0 (the original computes them, but being masked keys they never reach a score).
+    """
+    model.eval()
+    with shape_agnostic_attention():  # text batches differ in length
+        return _retrieval_features(model, dataset, tokenizer, device, batch_size, num_workers)
+
+
+def _retrieval_features(model, dataset, tokenizer, device, batch_size: int, num_workers: int) -> dict:
+    input_ids, attention_mask = tokenize(tokenizer, dataset.texts, **TOKENIZER_SETTINGS["retrieval_eval"])
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    lengths = attention_mask.sum(1)
+    order = torch.sort(lengths, stable=True).indices
+    text_embeds = text_feat = None
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        L = int(lengths[rows].max())
+        embeds, feat = model.encode_text(input_ids[rows, :L], attention_mask[rows, :L])
+        if text_embeds is None:
+            text_embeds = embeds.new_zeros(len(order), input_ids.shape[1], embeds.shape[-1])
+            text_feat = feat.new_empty(len(order), feat.shape[-1])
+        text_embeds[rows, :L] = embeds * attention_mask[rows, :L, None].to(embeds.dtype)
+        text_feat[rows] = feat
+    image_embeds, image_feat = [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    for images, _ in loader:
+        embeds, feat = model.encode_image(images.to(device))
+        image_embeds.append(embeds)
+        image_feat.append(feat)
+    return {"text_embeds": text_embeds, "text_mask": attention_mask, "text_feat": text_feat,
+            "image_embeds": torch.cat(image_embeds),
+            "image_feat": torch.cat(image_feat)}
+
+
+def feature_similarity(feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[I, T] cosine similarities in float32, also under autocast (bf16 would tie candidates)."""
+    with torch.autocast(feats["image_feat"].device.type, enabled=False):
+        return feats["image_feat"].float() @ feats["text_feat"].float().T
+
+
+@torch.no_grad()
+def retrieval_scores(model, feats: dict[str, torch.Tensor], k_test: int, rank_by: str = "itm",
+                     itm_batch_size: int = 256, rank: int = 0, world_size: int = 1):
+    """(score_i2t [I, T], score_t2i [T, I]) on the CPU, float32, the same on every rank.
+
+    `rank_by`: "itm" the original (ITM logit of the k_test ITC candidates, -100 elsewhere); "itc" the
+    cosine similarities alone (no fusion pass); "itc+itm" the ITM logit plus the cosine on the candidates
+    (BLIP's ranking), -100 elsewhere.
+    """
+    if rank_by not in RANK_MODES:
+        raise ValueError(f"rank_by must be one of {RANK_MODES}, got {rank_by!r}")
+    sims = feature_similarity(feats)
+    if rank_by == "itc":
+        return sims.cpu(), sims.T.contiguous().cpu()
+    score_i2t, score_t2i = rerank_itm(model, sims, feats["image_embeds"], feats["text_embeds"], feats["text_mask"],
+                                      k_test, itm_batch_size, rank, world_size, add_sims=rank_by == "itc+itm")
+    return score_i2t.cpu(), score_t2i.cpu()

@@ -1,0 +1,322 @@
+"""Image-text retrieval (and grounding): ITC with image-id positives + ITM with hard negatives, and the
+batched ITM re-ranking used to evaluate it.
+
+The text encoder is the bare BERT (keys `text_encoder.embeddings.*`, no MLM head); `idx_queue` holds the
+image id of every queued feature so that captions of the same image are positives of each other, in the
+batch and in the queue. The official mscoco.pth / flickr30k.pth (and the grounding checkpoints, same class)
+load with `strict=True`; `convert_pretrain_state_dict` turns a pretraining checkpoint into this layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from models.albef import ALBEFBase, ALBEFConfig, adapt_pos_embed, soft_cross_entropy
+from models.bert import BertConfig, self_attention_mask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalModelConfig(ALBEFConfig):
+    distill: bool = True  # momentum distillation of the ITC targets (the original's `distill`)
+
+
+class ALBEFRetrieval(ALBEFBase):
+    """`forward(image, input_ids, attention_mask, alpha, idx)` -> {"loss_ita", "loss_itm", "temp"}."""
+
+    momentum_names = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+
+    def __init__(self, cfg: RetrievalModelConfig | ALBEFConfig, bert_cfg: BertConfig):
+        super().__init__(cfg, bert_cfg, mlm_head=False)
+        text_width = bert_cfg.hidden_size
+        self.distill = getattr(cfg, "distill", True)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.build_momentum()
+        self.register_queues(cfg.embed_dim, cfg.queue_size, with_idx=True)
+
+    def itc(self, image_feat, text_feat, image_feat_m, text_feat_m, idx, alpha: float, out: dict):
+        """Contrastive loss against [in-batch momentum features; queue]; every column whose image id
+        equals the row's is a positive (targets spread evenly over them).
+
+        ALBEF parity: the queue is read BEFORE this step's update, and `temp` is never clamped here.
+        """
+        with torch.no_grad():
+            idx_all = torch.cat([idx, self.idx_queue[0]])
+            pos = (idx[:, None] == idx_all[None, :]).float()
+            sim_targets = pos / pos.sum(1, keepdim=True)
+            text_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
+            image_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
+            targets_i2t = targets_t2i = sim_targets
+            if self.distill:
+                sim_i2t_m = image_feat_m @ text_all / self.temp
+                sim_t2i_m = text_feat_m @ image_all / self.temp
+                targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+                targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+                out.update(sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m)
+        sim_i2t = image_feat @ text_all / self.temp
+        sim_t2i = text_feat @ image_all / self.temp
+        loss_i2t = soft_cross_entropy(sim_i2t, targets_i2t)
+        loss_t2i = soft_cross_entropy(sim_t2i, targets_t2i)
+        out.update(sim_targets=sim_targets, sim_i2t=sim_i2t, sim_t2i=sim_t2i, sim_i2t_targets=targets_i2t,
+                   sim_t2i_targets=targets_t2i, loss_i2t=loss_i2t, loss_t2i=loss_t2i)
+        return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
+
+    def forward(self, image, input_ids, attention_mask, alpha: float, idx, return_outputs: bool = False):
+        """Losses {"loss_ita", "loss_itm"} (+ "temp" for the log); with `return_outputs` every
+        intermediate tensor too. `idx` [B] is the image id of each pair."""
+        out: dict[str, torch.Tensor] = {}
+        image_embeds, image_feat = self.encode_image(image)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        with torch.no_grad():
+            self.momentum_update(self.cfg.momentum)  # ALBEF parity: before any momentum feature
+            image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
+            _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
+
+        loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, idx, alpha, out)
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        # ALBEF parity: every pair of the same image is excluded from the negatives (the original adds
+        # 1e-4 to the similarities before the softmax, which changes nothing).
+        same = idx[:, None] == idx[None, :]
+        loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
+
+        losses = {"loss_ita": loss_ita, "loss_itm": loss_itm, "temp": self.temp.detach()}
+        if return_outputs:
+            out.update(image_embeds=image_embeds, image_embeds_m=image_embeds_m, text_embeds=text_embeds,
+                       image_feat=image_feat, text_feat=text_feat, image_feat_m=image_feat_m,
+                       text_feat_m=text_feat_m)
+            return losses | out
+        return losses
+
+    def itm_score(self, image_embeds, text_embeds, text_mask) -> torch.Tensor:
+        """[N] ITM 'match' logit of N (image, text) pairs: fusion of text-mode states [N, L, H] (mask
+        [N, L]) with image tokens [N, P, W], then itm_head on [CLS], class 1 (quirk 10)."""
+        fused = self.bert.fuse(text_embeds, text_mask, image_embeds)
+        return self.itm_head(fused[:, 0])[:, 1]
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def is_pretrain_state_dict(state_dict: dict) -> bool:
+    return any(k.startswith("text_encoder.bert.") for k in state_dict)
+
+
+def convert_pretrain_state_dict(state_dict: dict, model: ALBEFRetrieval) -> dict:
+    """A pretraining checkpoint's state dict in this model's layout, as the original Retrieval.py's
+    loading got it: `text_encoder(_m).bert.X` -> `text_encoder(_m).X`, the MLM head (`cls.*`) dropped,
+    `pos_embed` resized to the model's resolution, queues and pointer kept, `idx_queue` all -100.
+
+    A queue of another size than the model's (a pretraining run with another `queue_size`; the original
+    would fail) is replaced by the model's fresh one, with the pointer at 0.
+    """
+    sd = {}
+    for key, value in state_dict.items():
+        if ".cls." in key and key.startswith("text_encoder"):
+            continue
+        sd[key.replace("bert.", "", 1) if key.startswith("text_encoder") else key] = value
+    sd = adapt_pos_embed(sd, model)
+    own = model.state_dict()
+    if "image_queue" in sd and sd["image_queue"].shape != own["image_queue"].shape:
+        logger.warning("checkpoint queues %s do not fit queue_size %d: starting from fresh queues",
+                       tuple(sd["image_queue"].shape), own["image_queue"].shape[1])
+        for key in ("image_queue", "text_queue", "queue_ptr"):
+            sd[key] = own[key].clone().zero_() if key == "queue_ptr" else own[key].clone()
+    if "image_queue" in sd:
+        sd["idx_queue"] = torch.full((1, sd["image_queue"].shape[1]), -100, dtype=torch.long,
+                                     device=sd["image_queue"].device)
+    return sd
+
+
+def retrieval_state_dict(state_dict: dict, model: ALBEFRetrieval) -> dict:
+    """Either layout (pretraining, converted; or fine-tuned retrieval) ready for a strict load."""
+    if is_pretrain_state_dict(state_dict):
+        logger.info("pretraining checkpoint: converting it to the retrieval layout")
+        return convert_pretrain_state_dict(state_dict, model)
+    return adapt_pos_embed(state_dict, model)
+
+
+# -------------------------------------------------------------------------------------- re-ranking
+#
+# Every candidate pair's score is fusion(text_embeds[t], image_embeds[i]) -> itm_head, L-F fusion layers.
+# The batched path computes the same function with less work, each step exact:
+#  - a pair proposed by both directions is scored once;
+#  - a batch is one image with up to `batch_size` of its candidate texts, ordered by length and cut to
+#    the longest (padded keys are masked, so they never reach [CLS]);
+#  - cross-attention keys and values read only the image: projected once per image and layer, and the
+#    batch's text queries attend to them as one long query sequence (no copy of the image per pair);
+#  - the first fusion layer's self-attention, and its cross-attention query, read only the text: once
+#    per text, not per pair;
+#  - the last layer only feeds [CLS] to itm_head: its queries, cross-attention and FFN run for [CLS] only.
+# Batches are planned on the host up front, so the device never waits for the host inside the loop.
+
+
+def shape_agnostic_attention():
+    """SDPA without the cuDNN backend, whose per-shape plan building costs seconds at each new shape:
+    here every batch has its own (text count, text length)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def topk_candidates(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k indices of every row of `sims` [I, T] (texts per image) and of every column (images per
+    text): ([I, k], [T, k]); k is capped at the gallery size."""
+    return sims.topk(min(k, sims.shape[1]), dim=1).indices, sims.T.topk(min(k, sims.shape[0]), dim=1).indices
+
+
+def candidate_pairs(top_i2t: torch.Tensor, top_t2i: torch.Tensor, num_texts: int) -> torch.Tensor:
+    """Distinct (image, text) pairs [P, 2] among both directions' candidates, sorted by image then text."""
+    i2t = torch.arange(top_i2t.shape[0], device=top_i2t.device)[:, None] * num_texts + top_i2t
+    t2i = top_t2i * num_texts + torch.arange(top_t2i.shape[0], device=top_t2i.device)[:, None]
+    keys = torch.unique(torch.cat([i2t.flatten(), t2i.flatten()]))
+    return torch.stack([keys // num_texts, keys % num_texts], dim=1)
+
+
+def _cross_attend(att, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked multi-head attention of `att` (a BertSelfAttention) for projected queries q [B, Lq, D] of
+    B texts to ONE image's projected keys/values [1, N, D]: the B*Lq queries are independent, so they
+    run as one sequence."""
+    B, Lq, D = q.shape
+    def heads(x):
+        return x.view(1, -1, att.num_heads, D // att.num_heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+    return out.transpose(1, 2).reshape(B, Lq, D)
+
+
+class PairScorer:
+    """ITM match logits of one image with many texts, equal to `ALBEFRetrieval.itm_score` (eval mode, no
+    dropout) but with the per-text and per-image parts of the fusion computed once (see above)."""
+
+    def __init__(self, model: ALBEFRetrieval, text_embeds, text_mask, batch_size: int = 256):
+        self.model, self.text_mask = model, text_mask
+        self.layers = list(model.bert.encoder.layer[model.bert_cfg.fusion_layer:])
+        if not self.layers:
+            raise ValueError("ITM needs at least one fusion layer (fusion_layer < num_hidden_layers)")
+        first, text_x, text_q = self.layers[0], [], []
+        for s in range(0, len(text_embeds), batch_size):
+            x, m = text_embeds[s:s + batch_size], text_mask[s:s + batch_size]
+            text_x.append(first.attention(x, x, self_attention_mask(m)))
+            text_q.append(first.crossattention.self.query(text_x[-1]))
+        self.text_x, self.text_q = torch.cat(text_x), torch.cat(text_q)
+
+    def image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys and values [1, N, H] of every fusion layer for one image [1, N, W]."""
+        return [(l.crossattention.self.key(image_embeds), l.crossattention.self.value(image_embeds))
+                for l in self.layers]
+
+    def __call__(self, text: torch.Tensor, length: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """[B] scores of texts `text` [B] (none longer than `length` tokens) with the image of `kv`."""
+        mask = self_attention_mask(self.text_mask[text, :length])
+        x = None
+        for j, layer in enumerate(self.layers):
+            cut = 1 if j == len(self.layers) - 1 else length  # the last layer: [CLS] queries only
+            if j == 0:
+                h, q = self.text_x[text, :cut], self.text_q[text, :cut]
+            else:
+                h = layer.attention(x[:, :cut], x, mask)  # ALBEF parity: [CLS] attends to every token
+                q = layer.crossattention.self.query(h)
+            h = layer.crossattention.output(_cross_attend(layer.crossattention.self, q, *kv[j]), h)
+            x = layer.output(layer.intermediate(h), h)
+        return self.model.itm_head(x[:, 0])[:, 1]
+
+
+def plan_batches(pairs: torch.Tensor, lengths: torch.Tensor, batch_size: int):
+    """Each image's pairs ordered by text length, `batch_size` at a time: (order [P], batches), where
+    batch b is (image, start, end, longest text) over `order[start:end]`. `pairs` [P, 2] sorted by
+    image; all on the host."""
+    order, batches, start = [], [], 0
+    images, counts = torch.unique_consecutive(pairs[:, 0], return_counts=True)
+    text_len = lengths[pairs[:, 1]]
+    for image, n in zip(images.tolist(), counts.tolist()):
+        rows = start + torch.sort(text_len[start:start + n], stable=True).indices
+        order.append(rows)
+        for s in range(0, n, batch_size):
+            end = min(s + batch_size, n)
+            batches.append((image, start + s, start + end, int(text_len[rows[end - 1]])))
+        start += n
+    return (torch.cat(order) if order else torch.zeros(0, dtype=torch.long)), batches
+
+
+@torch.no_grad()
+def score_pairs(model: ALBEFRetrieval, pairs: torch.Tensor, image_embeds, text_embeds, text_mask,
+                batch_size: int = 256) -> torch.Tensor:
+    """[P] float32 ITM match logits of `pairs` [P, 2] (image, text), sorted by image."""
+    device = image_embeds.device
+    with shape_agnostic_attention():
+        return _score_pairs(model, pairs, image_embeds, text_embeds, text_mask, batch_size, device)
+
+
+def _score_pairs(model, pairs, image_embeds, text_embeds, text_mask, batch_size, device) -> torch.Tensor:
+    scorer = PairScorer(model, text_embeds, text_mask, batch_size)
+    order, batches = plan_batches(pairs.cpu(), text_mask.sum(1).cpu(), batch_size)
+    order = order.to(device)
+    texts = pairs[:, 1].to(device)[order]
+    out = torch.empty(len(pairs), device=device)
+    image, kv = None, None
+    for img, start, end, length in batches:
+        if img != image:
+            image, kv = img, scorer.image_kv(image_embeds[img:img + 1])
+        out[order[start:end]] = scorer(texts[start:end], length, kv).float()
+    return out
+
+
+@torch.no_grad()
+def rerank_itm(model: ALBEFRetrieval, sims: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+               text_mask: torch.Tensor, k: int, batch_size: int = 256, rank: int = 0, world_size: int = 1,
+               add_sims: bool = False):
+    """The original's evaluation scores, batched and sharded: (score_i2t [I, T], score_t2i [T, I]) hold
+    the ITM match logit (plus `sims` with `add_sims`) at each image's k best texts and each text's k
+    best images by `sims`, -100 elsewhere (quirk 10). Eval mode. Rank 0's candidates are used on every
+    rank; each rank scores 1/world_size of the distinct pairs, all get the full float32 matrices.
+    """
+    I, T = sims.shape
+    top_i2t, top_t2i = topk_candidates(sims, k)
+    if world_size > 1:  # features computed on each rank may differ in the last bit: one candidate list
+        dist.broadcast(top_i2t, 0)
+        dist.broadcast(top_t2i, 0)
+    pairs = candidate_pairs(top_i2t, top_t2i, T)
+    per_rank = math.ceil(len(pairs) / world_size)
+    mine = pairs[rank * per_rank:(rank + 1) * per_rank]
+    scores = torch.zeros(per_rank, device=sims.device)
+    if len(mine):
+        scores[:len(mine)] = score_pairs(model, mine, image_embeds, text_embeds, text_mask, batch_size)
+    if world_size > 1:
+        gathered = [torch.empty_like(scores) for _ in range(world_size)]
+        dist.all_gather(gathered, scores)
+        scores = torch.cat(gathered)
+    pair_scores = torch.zeros(I, T, device=sims.device)
+    pair_scores[pairs[:, 0], pairs[:, 1]] = scores[:len(pairs)]
+    if add_sims:
+        pair_scores += sims
+    mask_i2t = torch.zeros(I, T, dtype=torch.bool, device=sims.device).scatter_(1, top_i2t, True)
+    mask_t2i = torch.zeros(T, I, dtype=torch.bool, device=sims.device).scatter_(1, top_t2i, True)
+    fill = torch.tensor(-100.0, device=sims.device)
+    return torch.where(mask_i2t, pair_scores, fill), torch.where(mask_t2i, pair_scores.T, fill)
+
+
+@torch.no_grad()
+def rerank_itm_plain(model: ALBEFRetrieval, sims, image_embeds, text_embeds, text_mask, k: int):
+    """The original's loop, one query at a time (k pairs per `itm_score` call, texts at their full padded
+    length): the reference the batched `rerank_itm` is tested and benchmarked against."""
+    I, T = sims.shape
+    score_i2t = torch.full((I, T), -100.0, device=sims.device)
+    score_t2i = torch.full((T, I), -100.0, device=sims.device)
+    for i in range(I):
+        top = sims[i].topk(min(k, T)).indices
+        image = image_embeds[i].repeat(len(top), 1, 1)
+        score_i2t[i, top] = model.itm_score(image, text_embeds[top], text_mask[top]).float()
+    for t in range(T):
+        top = sims[:, t].topk(min(k, I)).indices
+        text, mask = text_embeds[t].repeat(len(top), 1, 1), text_mask[t].repeat(len(top), 1)
+        score_t2i[t, top] = model.itm_score(image_embeds[top], text, mask).float()
+    return score_i2t, score_t2i
