@@ -44,28 +44,15 @@ class PretrainConfig(utils.EngineConfig, ALBEFConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/Pretrain.yaml")
-    p.add_argument("--output_dir", default="output/pretrain")
-    p.add_argument("--checkpoint", help="initialise the model from these weights (ALBEF layout)")
-    p.add_argument("--resume", help="continue a run from this checkpoint: weights, optimizer, step, RNG")
-    p.add_argument("--seed", type=int, help="overrides the config's seed")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
-    p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (tests, smoke runs)")
-    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    p = utils.task_parser(__doc__, "configs/Pretrain.yaml", "output/pretrain",
+                          checkpoint_help="initialise the model from these weights (ALBEF layout)", evaluate=False)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> ALBEF:
     """Runs the whole pretraining; returns the trained (unwrapped) model for programmatic use."""
     args = parse_args(argv)
-    opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
-    dist = utils.init_distributed(args.device)
-    utils.setup_logging(args.output_dir, dist.rank)
-    cfg, doc = utils.load_config(args.config, opts, PretrainConfig)
-    utils.save_config(doc, os.path.join(args.output_dir, "config.yaml"))
-    utils.seed_everything(cfg.seed, dist.rank)
+    dist, cfg = utils.setup_task(args, PretrainConfig)
 
     bert_cfg = build_bert_config(cfg)
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))

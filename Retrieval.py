@@ -71,29 +71,16 @@ class RetrievalConfig(utils.EngineConfig, RetrievalModelConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/Retrieval_flickr.yaml")
-    p.add_argument("--output_dir", default="output/retrieval_flickr")
-    p.add_argument("--checkpoint", help="initial weights: a pretraining or a fine-tuned retrieval checkpoint")
-    p.add_argument("--resume", help="continue a run from this checkpoint: weights, optimizer, step, RNG, best")
-    p.add_argument("--evaluate", action="store_true", help="evaluate val and test once, no training")
+    p = utils.task_parser(__doc__, "configs/Retrieval_flickr.yaml", "output/retrieval_flickr",
+                          checkpoint_help="initial weights: a pretraining or a fine-tuned retrieval checkpoint", max_steps=False)
     p.add_argument("--save_scores", action="store_true", help="also save the score matrices (scores_*.pt)")
-    p.add_argument("--seed", type=int, help="overrides the config's seed")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
-    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     """Runs the fine-tuning (or `--evaluate`); returns the last evaluation's metrics {"val_*", "test_*"}."""
     args = parse_args(argv)
-    opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
-    dist = utils.init_distributed(args.device)
-    utils.setup_logging(args.output_dir, dist.rank)
-    cfg, doc = utils.load_config(args.config, opts, RetrievalConfig)
-    utils.save_config(doc, os.path.join(args.output_dir, "config.yaml"))
-    utils.seed_everything(cfg.seed, dist.rank)
+    dist, cfg = utils.setup_task(args, RetrievalConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
     splits = {s: RetrievalEvalDataset(f, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)

@@ -49,17 +49,8 @@ class VEConfig(utils.EngineConfig, ALBEFConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/VE.yaml")
-    p.add_argument("--output_dir", default="output/ve")
-    p.add_argument("--checkpoint", help="initialise from these weights: pretraining or fine-tuned VE")
-    p.add_argument("--resume", help="continue a run from its checkpoint_last.pth: weights, optimizer, step, RNG")
-    p.add_argument("--evaluate", action="store_true", help="only report dev and test accuracy")
-    p.add_argument("--seed", type=int, help="overrides the config's seed")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
-    p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (tests, smoke runs)")
-    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    p = utils.task_parser(__doc__, "configs/VE.yaml", "output/ve",
+                          checkpoint_help="initialise from these weights: pretraining or fine-tuned VE")
     return p.parse_args(argv)
 
 
@@ -99,12 +90,7 @@ def main(argv=None) -> ALBEFVE:
     args = parse_args(argv)
     if args.evaluate and not args.checkpoint:
         raise SystemExit("--evaluate needs --checkpoint")
-    opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
-    dist = utils.init_distributed(args.device)
-    utils.setup_logging(args.output_dir, dist.rank)
-    cfg, doc = utils.load_config(args.config, opts, VEConfig)
-    utils.save_config(doc, os.path.join(args.output_dir, "config.yaml"))
-    utils.seed_everything(cfg.seed, dist.rank)
+    dist, cfg = utils.setup_task(args, VEConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
     collate = collate_ve(tokenizer)

@@ -53,29 +53,15 @@ class VQAConfig(utils.EngineConfig, VQAModelConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/VQA.yaml")
-    p.add_argument("--output_dir", default="output/vqa")
-    p.add_argument("--checkpoint", help="pretraining checkpoint (converted) or VQA checkpoint (strict)")
-    p.add_argument("--resume", help="continue a VQA run from this checkpoint: weights, optimizer, step, RNG")
-    p.add_argument("--evaluate", action="store_true", help="no training: rank the test questions and stop")
-    p.add_argument("--seed", type=int, help="overrides the config's seed")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
-    p.add_argument("--max_steps", type=int, help="stop training after this many optimizer steps")
-    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    p = utils.task_parser(__doc__, "configs/VQA.yaml", "output/vqa",
+                          checkpoint_help="pretraining checkpoint (converted) or VQA checkpoint (strict)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, float]:
     """Runs fine-tuning and/or evaluation; returns the test accuracy ({} without test answers)."""
     args = parse_args(argv)
-    opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
-    dist = utils.init_distributed(args.device)
-    utils.setup_logging(args.output_dir, dist.rank)
-    cfg, doc = utils.load_config(args.config, opts, VQAConfig)
-    utils.save_config(doc, os.path.join(args.output_dir, "config.yaml"))
-    utils.seed_everything(cfg.seed, dist.rank)
+    dist, cfg = utils.setup_task(args, VQAConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
     test_set = VQAEvalDataset(cfg.test_file, test_transform(cfg.image_res), cfg.answer_list, cfg.vqa_root, cfg.vg_root)

@@ -8,6 +8,7 @@ lr schedule; checkpoints store them (and every RNG) so a killed run resumes on t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -215,6 +216,40 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return next((t(value) for t in _SCALARS if isinstance(value, t)), value)
+
+
+# ------------------------------------------------------------------------------------- task scripts
+
+
+def task_parser(doc: str | None, config: str, output_dir: str, *, checkpoint_help: str,
+                evaluate: bool = True, max_steps: bool = True) -> argparse.ArgumentParser:
+    """The flags every task script shares (scripts add their own): --config --output_dir --checkpoint
+    --resume [--evaluate] --seed --device --amp [--max_steps] --opts."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=config)
+    p.add_argument("--output_dir", default=output_dir)
+    p.add_argument("--checkpoint", help=checkpoint_help)
+    p.add_argument("--resume", help="continue a run from its checkpoint: weights, optimizer, step, RNG")
+    if evaluate:
+        p.add_argument("--evaluate", action="store_true", help="evaluation only, no training")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
+    if max_steps:
+        p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (tests, smoke runs)")
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    return p
+
+
+def setup_task(args: argparse.Namespace, schema: type) -> tuple["DistInfo", typing.Any]:
+    """Process group, logging, config (+ --seed/--amp/--opts, written to output_dir/config.yaml), seeds."""
+    opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
+    dist = init_distributed(args.device)
+    setup_logging(args.output_dir, dist.rank)
+    cfg, doc = load_config(args.config, opts, schema)
+    save_config(doc, os.path.join(args.output_dir, "config.yaml"))
+    seed_everything(cfg.seed, dist.rank)
+    return dist, cfg
 
 
 # --------------------------------------------------------------------------------------- distributed
