@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,7 @@ import utils
 from datasets.nlvr import NLVRDataset, collate_nlvr
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
-from models.albef import ALBEFConfig, build_bert_config, load_model_checkpoint
+from models.albef import ALBEFConfig, build_bert_config
 from models.bert import resolve_pretrained
 from models.nlvr import ALBEFNLVR, load_nlvr_checkpoint
 
@@ -96,7 +95,7 @@ def main(argv=None) -> ALBEFNLVR:
         raise SystemExit("--evaluate needs --checkpoint")
     dist, cfg = utils.setup_task(args, NLVRConfig)
 
-    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     collate = collate_nlvr(tokenizer)
     evals = {split: NLVRDataset(files, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
              for split, files in (("val", cfg.val_file), ("test", cfg.test_file))}
@@ -123,67 +122,22 @@ def main(argv=None) -> ALBEFNLVR:
     loader = utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                                 num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    total_steps = steps_per_epoch * cfg.schedular.epochs
     logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
                 dist.world_size, cfg.batch_size)
 
     optimizer = utils.build_optimizer(model, cfg.optimizer)
-    start_epoch, start_step, best = 0, 0, -1.0
-    if args.resume:
-        state = load_model_checkpoint(model, args.resume)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = utils.resume_position(state, steps_per_epoch)
-        best = state.get("best_val_acc", best)
-        utils.restore_rng(state["rng"]) if "rng" in state else None
-        logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
-    ddp_model = utils.wrap_ddp(model, dist)
 
     def alpha(epoch: int, i: int) -> dict:
         ramp = min(1.0, i / steps_per_epoch) if epoch == 0 and cfg.warm_up else 1.0
         return {"alpha": cfg.alpha * ramp}
 
-    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
-        state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch) | {"best_val_acc": best}
-        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
-
-    max_steps = args.max_steps or total_steps
-
-    def on_step(step: int, step_in_epoch: int) -> None:
-        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-            save("checkpoint_last.pth", epoch, step, step_in_epoch)
-        if step >= max_steps and step_in_epoch < steps_per_epoch:  # at an epoch's end: finish it normally
-            raise StopTraining
-
-    for epoch in range(start_epoch, cfg.schedular.epochs):
-        stopped = False
-        try:
-            train_stats = utils.train_one_epoch(
-                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                total_steps=total_steps, start_step_in_epoch=start_step if epoch == start_epoch else 0,
-                cfg=cfg, sched=cfg.schedular, dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
-        except StopTraining:
-            logger.info("stopped after --max_steps %d", max_steps)
-            stopped, train_stats = True, {}
-        stats = evaluate_splits(model, evals, collate, cfg, dist, epoch, tb)
-        if stats["val_acc"] > best:
-            best = stats["val_acc"]
-            utils.save_checkpoint(os.path.join(args.output_dir, "checkpoint_best.pth"),
-                                  {"model": model.state_dict(), "config": utils.config_to_dict(cfg), "epoch": epoch,
-                                   "val_acc": best})
-        step_in_epoch = max_steps - epoch * steps_per_epoch if stopped else steps_per_epoch
-        save("checkpoint_last.pth", epoch, epoch * steps_per_epoch + step_in_epoch, step_in_epoch)
-        utils.append_log(args.output_dir, {f"train_{k}": v for k, v in train_stats.items()} | stats | {"epoch": epoch})
-        if stopped or (epoch + 1) * steps_per_epoch >= max_steps:
-            break
-    logger.info("best dev accuracy %.2f%%", 100 * best)
+    utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
+              max_steps=args.max_steps, forward_kwargs=alpha, select="val_acc", tb=tb,
+              evaluate=lambda epoch: evaluate_splits(model, evals, collate, cfg, dist, epoch, tb))
     if tb is not None:
         tb.close()
     utils.cleanup_distributed()
     return model
-
-
-class StopTraining(Exception):
-    pass
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass, field
 
-import torch
 
 import utils
 from datasets.pretrain import PretrainDataset, collate_pretrain
@@ -62,7 +60,6 @@ def main(argv=None) -> ALBEF:
                                 collate_fn=collate_pretrain(tokenizer), num_workers=cfg.num_workers,
                                 dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    total_steps = steps_per_epoch * cfg.schedular.epochs
     logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
                 dist.world_size, cfg.batch_size)
 
@@ -73,15 +70,6 @@ def main(argv=None) -> ALBEF:
         model.init_pretrained_encoders()
     model.to(dist.device)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
-    start_epoch, start_step = 0, 0
-    if args.resume:
-        state = load_model_checkpoint(model, args.resume)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = utils.resume_position(state, steps_per_epoch)
-        utils.restore_rng(state["rng"]) if "rng" in state else None
-        logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
-    ddp_model = utils.wrap_ddp(model, dist, broadcast_buffers=False)  # queues are equal on every rank by design
-
     tb = utils.build_tb_writer(args.output_dir)
     val = make_val(cfg, tokenizer, dist) if cfg.val_file else None
     if val and not args.resume:
@@ -91,42 +79,16 @@ def main(argv=None) -> ALBEF:
         # ALBEF parity: alpha ramps up linearly over the first epoch
         return {"alpha": cfg.alpha * min(1.0, i / steps_per_epoch) if epoch == 0 else cfg.alpha}
 
-    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
-        state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
-        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
+    def evaluate(epoch: int) -> dict:
+        return {f"val_{k}": v for k, v in report(val, model, cfg, args.output_dir, tb, epoch, dist).items()} if val else {}
 
-    max_steps = args.max_steps
-    def on_step(step: int, step_in_epoch: int) -> None:
-        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-            save("checkpoint_last.pth", epoch, step, step_in_epoch)
-        if max_steps is not None and step >= max_steps:
-            raise StopTraining
-
-    for epoch in range(start_epoch, cfg.schedular.epochs):
-        try:
-            stats = utils.train_one_epoch(
-                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                total_steps=total_steps, start_step_in_epoch=start_step if epoch == start_epoch else 0,
-                cfg=cfg, sched=cfg.schedular, dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
-        except StopTraining:
-            logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
-            step_in_epoch = max_steps - epoch * steps_per_epoch
-            save("checkpoint_last.pth", epoch, max_steps, step_in_epoch)
-            break
-        save(f"checkpoint_{epoch:02d}.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-        save("checkpoint_last.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-        log = {f"train_{k}": v for k, v in stats.items()} | {"epoch": epoch}
-        if val:
-            log |= {f"val_{k}": v for k, v in report(val, model, cfg, args.output_dir, tb, epoch, dist).items()}
-        utils.append_log(args.output_dir, log)
+    utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
+              max_steps=args.max_steps, forward_kwargs=alpha, evaluate=evaluate, keep_every_epoch=True,
+              ddp_kwargs={"broadcast_buffers": False}, tb=tb)  # queues are equal on every rank by design
     if tb is not None:
         tb.close()
     utils.cleanup_distributed()
     return model
-
-
-class StopTraining(Exception):
-    pass
 
 
 def make_val(cfg: PretrainConfig, tokenizer, dist):

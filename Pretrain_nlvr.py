@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass, field
 
 import utils
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.text import build_tokenizer
 from datasets.transforms import PRETRAIN_SCALE, train_transform
-from models.albef import ALBEFConfig, build_bert_config, load_model_checkpoint
+from models.albef import ALBEFConfig, build_bert_config
 from models.bert import resolve_pretrained
 from models.nlvr import ALBEFTextAssignment, load_text_assignment_checkpoint
 
@@ -59,14 +58,13 @@ def main(argv=None) -> ALBEFTextAssignment:
     args = parse_args(argv)
     dist, cfg = utils.setup_task(args, TAConfig)
 
-    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
     dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
     loader = utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True,
                                 collate_fn=collate_pretrain(tokenizer), num_workers=cfg.num_workers,
                                 dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    total_steps = steps_per_epoch * cfg.schedular.epochs
     logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
                 dist.world_size, cfg.batch_size)
 
@@ -77,53 +75,14 @@ def main(argv=None) -> ALBEFTextAssignment:
         model.init_pretrained_encoders()
     model.to(dist.device)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
-    start_epoch, start_step = 0, 0
-    if args.resume:
-        state = load_model_checkpoint(model, args.resume)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = utils.resume_position(state, steps_per_epoch)
-        utils.restore_rng(state["rng"]) if "rng" in state else None
-        logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
-    # ALBEF parity: text_proj and temp are never used (and vision_proj gets no gradient), as in the original
-    ddp_model = utils.wrap_ddp(model, dist, find_unused_parameters=True)
     tb = utils.build_tb_writer(args.output_dir)
-
-    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
-        state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
-        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
-
-    max_steps = args.max_steps or total_steps
-
-    def on_step(step: int, step_in_epoch: int) -> None:
-        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-            save("checkpoint_last.pth", epoch, step, step_in_epoch)
-        if step >= max_steps and step_in_epoch < steps_per_epoch:  # at an epoch's end: finish it normally
-            raise StopTraining
-
-    for epoch in range(start_epoch, cfg.schedular.epochs):
-        try:
-            stats = utils.train_one_epoch(
-                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                total_steps=total_steps, start_step_in_epoch=start_step if epoch == start_epoch else 0,
-                cfg=cfg, sched=cfg.schedular, dist=dist, tb=tb, on_step=on_step)
-        except StopTraining:
-            logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
-            step_in_epoch = max_steps - epoch * steps_per_epoch
-            save("checkpoint_last.pth", epoch, max_steps, step_in_epoch)
-            break
-        save(f"checkpoint_{epoch:02d}.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-        save("checkpoint_last.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-        utils.append_log(args.output_dir, {f"train_{k}": v for k, v in stats.items()} | {"epoch": epoch})
-        if (epoch + 1) * steps_per_epoch >= max_steps:
-            break
+    # ALBEF parity: text_proj and temp are never used (and vision_proj gets no gradient), as in the original
+    utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
+              max_steps=args.max_steps, keep_every_epoch=True, ddp_kwargs={"find_unused_parameters": True}, tb=tb)
     if tb is not None:
         tb.close()
     utils.cleanup_distributed()
     return model
-
-
-class StopTraining(Exception):
-    pass
 
 
 if __name__ == "__main__":

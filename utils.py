@@ -749,6 +749,79 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     return metrics.global_avg()
 
 
+class StopTraining(Exception):
+    """Raised from an `on_step` hook to end training early (`--max_steps`)."""
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, cfg, dist: DistInfo,
+        output_dir: str, resume: str | None = None, max_steps: int | None = None,
+        forward_kwargs: Callable[[int, int], dict] | None = None,
+        evaluate: Callable[[int], dict[str, float]] | None = None, select: str | None = None,
+        keep_every_epoch: bool = False, ddp_kwargs: dict | None = None, tb=None) -> dict[str, float]:
+    """The epoch loop every task script shares; `cfg` carries the engine knobs and `schedular`.
+
+    `resume`: a checkpoint_last.pth of this run (weights, optimizer, position, RNG, best score).
+    Each epoch: `train_one_epoch`, then `evaluate(epoch)` (if given), `checkpoint_last.pth` (resumable,
+    also every `save_every_steps`), `checkpoint_XX.pth` with `keep_every_epoch` (the original's
+    pretraining habit), `checkpoint_best.pth` (weights) when `stats[select]` improves, one log.txt line.
+    `max_steps` stops after that many optimizer steps, with the same evaluation and saving.
+    `tb` is the script's TensorBoard writer (from `build_tb_writer`; the script closes it).
+    Returns the last epoch's log line.
+    """
+    from models.albef import load_model_checkpoint  # models is a sibling package; keep utils light to import
+
+    steps_per_epoch_ = steps_per_epoch(loader, cfg.accum_steps)
+    total_steps = steps_per_epoch_ * cfg.schedular.epochs
+    start_epoch, start_step, best = 0, 0, float("-inf")
+    if resume:
+        state = load_model_checkpoint(model, resume)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step = resume_position(state, steps_per_epoch_)
+        best = state.get("best", best)
+        if "rng" in state:
+            restore_rng(state["rng"])
+        logger.info("resuming %s at epoch %d step %d", resume, start_epoch, start_step)
+    ddp_model = wrap_ddp(model, dist, **(ddp_kwargs or {}))
+    epoch, log = start_epoch, {}
+
+    def save(name: str, step: int, step_in_epoch: int) -> None:
+        state = resume_state(model, optimizer, cfg, epoch, step, step_in_epoch) | {"best": best}
+        save_checkpoint(os.path.join(output_dir, name), state)
+
+    def on_step(step: int, step_in_epoch: int) -> None:
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            save("checkpoint_last.pth", step, step_in_epoch)
+        if max_steps is not None and step >= max_steps and step_in_epoch < steps_per_epoch_:
+            raise StopTraining  # at an epoch's end the epoch finishes normally
+
+    for epoch in range(start_epoch, cfg.schedular.epochs):
+        done = steps_per_epoch_
+        try:
+            train_stats = train_one_epoch(
+                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch_, total_steps=total_steps,
+                start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
+                dist=dist, tb=tb, forward_kwargs=forward_kwargs, on_step=on_step)
+        except StopTraining:
+            done, train_stats = max_steps - epoch * steps_per_epoch_, {}
+            logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
+        stats = evaluate(epoch) if evaluate else {}
+        if select is not None and stats[select] > best:
+            best = stats[select]
+            save_checkpoint(os.path.join(output_dir, "checkpoint_best.pth"),
+                            {"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": epoch, select: best})
+        step = epoch * steps_per_epoch_ + done
+        save("checkpoint_last.pth", step, done)
+        if keep_every_epoch and done == steps_per_epoch_:
+            save(f"checkpoint_{epoch:02d}.pth", step, done)
+        log = {f"train_{k}": v for k, v in train_stats.items()} | stats | {"epoch": epoch}
+        append_log(output_dir, log)
+        if max_steps is not None and step >= max_steps:
+            break
+    if select is not None:
+        logger.info("best %s: %.4f", select, best)
+    return log
+
+
 def _timed(batches, meter: SmoothedValue):
     """`batches`, recording in `meter` the host time spent waiting for each."""
     while True:

@@ -77,7 +77,8 @@ def itc_similarity(model, dataset: RetrievalEvalDataset, tokenizer, device, batc
         ids, mask = input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device)
         text_feats.append(model.encode_text(ids, mask)[1])
     image_feats = []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0,
+                                         generator=torch.Generator())  # leaves the training RNG stream alone
     for images, _ in loader:
         image_feats.append(model.encode_image(images.to(device))[1])
     return (torch.cat(image_feats) @ torch.cat(text_feats).T).float().cpu()
