@@ -63,7 +63,7 @@ def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
     dist, cfg = utils.setup_task(args, VQAConfig)
 
-    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     test_set = VQAEvalDataset(cfg.test_file, test_transform(cfg.image_res), cfg.answer_list, cfg.vqa_root, cfg.vg_root)
     test_loader = utils.build_loader(test_set, cfg.batch_size_test, shuffle=False, drop_last=False,
                                      collate_fn=collate_vqa_eval(tokenizer), num_workers=cfg.num_workers,
@@ -104,57 +104,22 @@ def train(args, cfg: VQAConfig, model: VQAModel, tokenizer, dist) -> int:
                                 collate_fn=collate_vqa_train(tokenizer), num_workers=cfg.num_workers,
                                 dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    total_steps = steps_per_epoch * cfg.schedular.epochs
     logger.info("%d questions, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
                 dist.world_size, cfg.batch_size_train)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
-    start_epoch, start_step = 0, 0
-    if args.resume:
-        state = load_vqa_checkpoint(model, args.resume)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = utils.resume_position(state, steps_per_epoch)
-        utils.restore_rng(state["rng"]) if "rng" in state else None
-        logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
-    ddp_model = utils.wrap_ddp(model, dist)
-    tb = utils.build_tb_writer(args.output_dir)
-    max_steps = args.max_steps or total_steps
 
     def alpha(epoch: int, i: int) -> dict:
         # ALBEF parity: with warm_up, alpha ramps up linearly over the first epoch
         ramp = min(1.0, i / steps_per_epoch) if epoch == 0 and cfg.warm_up else 1.0
         return {"alpha": cfg.alpha * ramp}
 
-    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
-        state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
-        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
-
-    def on_step(step: int, step_in_epoch: int) -> None:
-        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-            save("checkpoint_last.pth", epoch, step, step_in_epoch)
-        if step >= max_steps:
-            raise StopTraining
-
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.schedular.epochs):
-        try:
-            stats = utils.train_one_epoch(
-                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                total_steps=total_steps, start_step_in_epoch=start_step if epoch == start_epoch else 0,
-                cfg=cfg, sched=cfg.schedular, dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
-        except StopTraining:
-            logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
-            save("checkpoint_last.pth", epoch, max_steps, max_steps - epoch * steps_per_epoch)
-            break
-        save(f"checkpoint_{epoch:02d}.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-        save("checkpoint_last.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-        utils.append_log(args.output_dir, {f"train_{k}": v for k, v in stats.items()} | {"epoch": epoch})
+    tb = utils.build_tb_writer(args.output_dir)
+    log = utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
+                    max_steps=args.max_steps, forward_kwargs=alpha, keep_every_epoch=True, tb=tb)
     if tb is not None:
         tb.close()
-    return epoch
+    return log.get("epoch", 0)
 
-
-class StopTraining(Exception):
-    pass
 
 
 @torch.no_grad()
