@@ -15,8 +15,6 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 
-import torch
-from torch.utils.data import DataLoader, Subset
 
 import utils
 from datasets.ve import VEDataset, collate_ve
@@ -53,35 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@torch.no_grad()
-def evaluate(model: ALBEFVE, dataset: VEDataset, collate, cfg: VEConfig, dist: utils.DistInfo) -> dict:
-    """{"acc": fraction correct} over the whole split: rank r scores samples r, r+W, ... (nothing padded
-    or dropped) and the counts are summed over ranks."""
-    model.eval()
-    shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(shard, batch_size=cfg.batch_size_test, collate_fn=collate, num_workers=cfg.num_workers,
-                        generator=torch.Generator())  # leaves the training RNG stream alone
-    counts = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for batch in loader:
-        batch = utils.to_device(batch, dist.device)
-        with utils.autocast_context(cfg.amp, dist.device):
-            logits = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"])
-        counts[0] += (logits.argmax(dim=1) == batch["targets"]).sum()
-        counts[1] += batch["targets"].numel()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    return {"acc": (counts[0] / counts[1].clamp(min=1)).item()}
-
-
 def evaluate_splits(model, evals: dict, collate, cfg, dist, epoch: int, tb=None) -> dict[str, float]:
-    stats = {}
-    for split, dataset in evals.items():
-        stats |= {f"{split}_{k}": v for k, v in evaluate(model, dataset, collate, cfg, dist).items()}
-    logger.info("epoch %d: %s", epoch, "  ".join(f"{k}: {100 * v:.2f}%" for k, v in stats.items()))
-    if tb is not None:
-        for k, v in stats.items():
-            tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-    return stats
+    return utils.evaluate_accuracy_splits(model, evals, collate, batch_size=cfg.batch_size_test, dist=dist, amp=cfg.amp,
+                                          num_workers=cfg.num_workers, epoch=epoch, tb=tb)
 
 
 def main(argv=None) -> ALBEFVE:

@@ -822,6 +822,42 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
     return log
 
 
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, dataset: Dataset, collate_fn: Callable, *, batch_size: int, dist: DistInfo,
+                      amp: str = "auto", num_workers: int = 0) -> dict[str, float]:
+    """{"acc": fraction of `model.predict(image, input_ids, attention_mask).argmax(1) == targets`} over the
+    whole split (NLVR, VE): rank r scores samples r, r+W, ... (nothing padded or dropped), counts summed."""
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
+                        generator=torch.Generator())  # leaves the training RNG stream alone
+    counts = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for batch in loader:
+        batch = to_device(batch, dist.device)
+        with autocast_context(amp, dist.device):
+            logits = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"])
+        counts[0] += (logits.argmax(dim=1) == batch["targets"]).sum()
+        counts[1] += batch["targets"].numel()
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(counts)
+    return {"acc": (counts[0] / counts[1].clamp(min=1)).item()}
+
+
+def evaluate_accuracy_splits(model: nn.Module, splits: dict[str, Dataset], collate_fn: Callable, *, batch_size: int,
+                             dist: DistInfo, amp: str, num_workers: int, epoch: int, tb=None) -> dict[str, float]:
+    """`evaluate_accuracy` on each split -> {"val_acc": .., "test_acc": ..}, logged and sent to TensorBoard."""
+    stats = {}
+    for split, dataset in splits.items():
+        acc = evaluate_accuracy(model, dataset, collate_fn, batch_size=batch_size, dist=dist, amp=amp,
+                                num_workers=num_workers)
+        stats |= {f"{split}_{k}": v for k, v in acc.items()}
+    logger.info("epoch %d: %s", epoch, "  ".join(f"{k}: {100 * v:.2f}%" for k, v in stats.items()))
+    if tb is not None:
+        for k, v in stats.items():
+            tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+    return stats
+
+
 def _timed(batches, meter: SmoothedValue):
     """`batches`, recording in `meter` the host time spent waiting for each."""
     while True:

@@ -148,7 +148,8 @@ def test_evaluation_shards_cover_each_sample_once(demo):
             return torch.zeros(input_ids.shape[0], 2)
 
     cfg = utils.load_config(CONFIGS / "NLVR_demo.yaml", ["batch_size=3", "num_workers=0"], NLVR.NLVRConfig)[0]
-    accs = [NLVR.evaluate(Recorder(), dataset, collate_nlvr(tokenizer), cfg, utils.DistInfo(rank=r, world_size=2))
+    accs = [utils.evaluate_accuracy(Recorder(), dataset, collate_nlvr(tokenizer), batch_size=cfg.batch_size,
+                                    dist=utils.DistInfo(rank=r, world_size=2), amp=cfg.amp, num_workers=0)
             for r in (0, 1)]
     assert sum(seen) == len(dataset) and all(0 <= a["acc"] <= 1 for a in accs)
 
