@@ -113,6 +113,21 @@ def negative_weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, (~eye).float(), w)
 
 
+def distilled_classification(model, image, input_ids, attention_mask, targets, alpha: float, momentum: float,
+                             return_outputs: bool = False) -> dict:
+    """NLVR's and VE's training loss: cross-entropy of `model.classify`, mixed with the momentum
+    model's soft labels when `model.distill`. ALBEF parity: the momentum update runs before the momentum
+    pass, even in eval mode, and both tasks hard-code the momentum (0.995)."""
+    out: dict[str, torch.Tensor] = {}
+    prediction = model.classify(image, input_ids, attention_mask, out=out)
+    loss = F.cross_entropy(prediction, targets)
+    if model.distill:
+        with torch.no_grad():
+            model.momentum_update(momentum)
+            prediction_m = model.classify(image, input_ids, attention_mask, momentum=True, out=out)
+        loss = (1 - alpha) * loss + alpha * soft_cross_entropy(prediction, F.softmax(prediction_m, dim=1))
+    return {"loss": loss} | (out if return_outputs else {})
+
 # ----------------------------------------------------------------------------------------- base class
 
 

@@ -8,11 +8,10 @@ Class ids are the original's: contradiction 0, neutral 1, entailment 2.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.albef import (ALBEFBase, ALBEFConfig, CheckpointError, load_checkpoint_file,
-                          load_converted_state_dict, soft_cross_entropy)
+                          load_converted_state_dict, distilled_classification)
 from models.bert import BertConfig
 
 # ALBEF parity: model_ve.py hard-codes the EMA factor; the config's `momentum` is not read (quirk 4).
@@ -56,15 +55,7 @@ class ALBEFVE(ALBEFBase):
         return self.classify(image, input_ids, attention_mask)
 
     def forward(self, image, input_ids, attention_mask, targets, alpha: float = 0.0, return_outputs: bool = False):
-        out: dict[str, torch.Tensor] = {}
-        prediction = self.classify(image, input_ids, attention_mask, out=out)
-        loss = F.cross_entropy(prediction, targets)
-        if self.distill:
-            with torch.no_grad():
-                self.momentum_update(VE_MOMENTUM)  # ALBEF parity: before the momentum pass, even in eval mode
-                prediction_m = self.classify(image, input_ids, attention_mask, momentum=True, out=out)
-            loss = (1 - alpha) * loss + alpha * soft_cross_entropy(prediction, F.softmax(prediction_m, dim=1))
-        return {"loss": loss} | (out if return_outputs else {})
+        return distilled_classification(self, image, input_ids, attention_mask, targets, alpha, VE_MOMENTUM, return_outputs)
 
 
 def ve_state_dict(state_dict: dict) -> dict:
