@@ -5,7 +5,8 @@
     python Pretrain.py ... --resume output/pretrain/checkpoint_last.pth     # continue a stopped run
 
 With `val_file` set (retrieval format), zero-shot ITC retrieval on it is reported before training and
-after every epoch.
+after every epoch. The `vilta:` block turns on ViLTA's cross-distilled MLM targets and synthesized ITM
+negatives (models/vilta.py); off by default.
 """
 
 from __future__ import annotations
@@ -14,21 +15,30 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 
+import torch
 
 import utils
+from datasets.base import Annotations
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.retrieval import evaluate_itc
-from datasets.text import build_tokenizer
+from datasets.shards import PretrainShards
+from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize
 from datasets.transforms import test_transform, train_transform
 from models.albef import ALBEF, ALBEFConfig, build_bert_config, load_model_checkpoint
 from models.bert import resolve_pretrained
+from models.vilta import ViLTA, ViLTAConfig
 
 logger = logging.getLogger("Pretrain")
 
 
 @dataclass(kw_only=True)
 class PretrainConfig(utils.EngineConfig, ALBEFConfig):
-    train_file: list[str]
+    train_file: list[str] = field(default_factory=list)  # JSON lists of {"image", "caption"}; or train_shards
+    # WebDataset shards instead (img2dataset's layout, scripts/json_to_shards.py): "dir/{000000..000123}.tar",
+    # URLs or "pipe:" commands; an epoch is then train_samples_per_epoch samples over all ranks
+    train_shards: str | list[str] | None = None
+    train_samples_per_epoch: int | None = None
+    shuffle_buffer: int = 1000  # with train_shards: samples each reader shuffles among
     image_root: str = ""  # prefix of relative image paths ('' : paths used as written, as the original)
     val_file: str | None = None  # optional retrieval-format file for zero-shot ITC monitoring
     batch_size: int = 64  # per GPU
@@ -39,6 +49,7 @@ class PretrainConfig(utils.EngineConfig, ALBEFConfig):
     randaugment: bool = True
     optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=1e-4))
     schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=1e-4, epochs=30))
+    vilta: ViLTAConfig = field(default_factory=ViLTAConfig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,13 +65,9 @@ def main(argv=None) -> ALBEF:
 
     bert_cfg = build_bert_config(cfg)
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
-    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
-    dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
-    loader = utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True,
-                                collate_fn=collate_pretrain(tokenizer), num_workers=cfg.num_workers,
-                                dist=dist, seed=cfg.seed)
+    loader, num_pairs = build_train_loader(cfg, tokenizer, dist)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
+    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", num_pairs, steps_per_epoch,
                 dist.world_size, cfg.batch_size)
 
     model = ALBEF(cfg, bert_cfg)
@@ -69,17 +76,24 @@ def main(argv=None) -> ALBEF:
     elif not args.resume:
         model.init_pretrained_encoders()
     model.to(dist.device)
+    if cfg.vilta.enabled:
+        model.vilta = ViLTA.build(cfg.vilta, tokenizer, bert_cfg, cfg.text_encoder).to(dist.device)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     tb = utils.build_tb_writer(args.output_dir)
     val = make_val(cfg, tokenizer, dist) if cfg.val_file else None
     if val and not args.resume:
         report(val, model, cfg, args.output_dir, tb, epoch=-1, dist=dist)
 
+    examples = example_captions(cfg, cfg.vilta.log_examples) if cfg.vilta.synth_negatives else []
+
     def alpha(epoch: int, i: int) -> dict:
-        # ALBEF parity: alpha ramps up linearly over the first epoch
-        return {"alpha": cfg.alpha * min(1.0, i / steps_per_epoch) if epoch == 0 else cfg.alpha}
+        # ALBEF parity: alpha ramps up linearly over the first epoch; ViLTA's cross weight does the same
+        ramp = min(1.0, i / steps_per_epoch) if epoch == 0 else 1.0
+        return {"alpha": cfg.alpha * ramp} | ({"cross_weight": cfg.vilta.cross_weight * ramp} if cfg.vilta.cross else {})
 
     def evaluate(epoch: int) -> dict:
+        if examples:
+            log_synthesized(model, examples, tokenizer, seed=utils.mix_seed(cfg.seed, epoch))
         return {f"val_{k}": v for k, v in report(val, model, cfg, args.output_dir, tb, epoch, dist).items()} if val else {}
 
     utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
@@ -91,11 +105,55 @@ def main(argv=None) -> ALBEF:
     return model
 
 
+def build_train_loader(cfg: PretrainConfig, tokenizer, dist: utils.DistInfo):
+    """(this rank's training loader, pairs per epoch): JSON lists (`train_file`) or shards (`train_shards`),
+    the same transform, `pre_caption` and collate either way."""
+    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+    collate = collate_pretrain(tokenizer)
+    if bool(cfg.train_file) == bool(cfg.train_shards):
+        raise utils.ConfigError("set one of train_file (JSON lists) and train_shards (WebDataset shards)")
+    if cfg.train_file:
+        dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
+        return utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                                  num_workers=cfg.num_workers, dist=dist, seed=cfg.seed), len(dataset)
+    if not cfg.train_samples_per_epoch or cfg.train_samples_per_epoch < 1:
+        raise utils.ConfigError("train_shards needs train_samples_per_epoch (samples over all ranks; "
+                                "json_to_shards.py prints it, img2dataset's *_stats.json count `successes`)")
+    source = PretrainShards(cfg.train_shards, transform, cfg.max_words, cfg.shuffle_buffer)
+    loader = utils.build_stream_loader(source, cfg.batch_size, samples_per_epoch=cfg.train_samples_per_epoch,
+                                       collate_fn=collate, num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
+    return loader, cfg.train_samples_per_epoch
+
+
 def make_val(cfg: PretrainConfig, tokenizer, dist):
     from datasets.retrieval import RetrievalEvalDataset
 
     dataset = RetrievalEvalDataset(cfg.val_file, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
     return dataset, tokenizer
+
+
+def example_captions(cfg: PretrainConfig, n: int) -> list[str]:
+    """The first `n` captions of the training JSON (with shards: of `val_file`), normalised."""
+    files = cfg.train_file or ([cfg.val_file] if cfg.val_file else [])
+    ann = Annotations(files) if files and n else []
+    captions = [ann.field(i, "caption") for i in range(min(n, len(ann)))]
+    return [pre_caption(c[0] if isinstance(c, list) else c, cfg.max_words) for c in captions]
+
+
+@torch.no_grad()
+def log_synthesized(model: ALBEF, captions: list[str], tokenizer, seed: int) -> None:
+    """Log what the model's language side invents for `captions` (ViLTA's ITM negatives), under its
+    own seed so the training RNG stream is untouched."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = tokenize(tokenizer, captions, **TOKENIZER_SETTINGS["pretrain"])
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        synthesized, _ = model.vilta.synthesize(model.text_encoder, input_ids.to(device), attention_mask.to(device))
+    model.train(was_training)
+    for caption, ids in zip(captions, synthesized):
+        logger.info("synthesized negative: %r -> %r", caption, tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def report(val, model, cfg, output_dir, tb, epoch: int, dist) -> dict:

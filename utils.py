@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import difflib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -33,9 +34,11 @@ import torch.distributed as tdist
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
+from datasets.shards import CorruptSample, ShardError
 from models.albef import CheckpointError, load_checkpoint_file  # noqa: F401 - CheckpointError re-exported
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,9 @@ class OptimizerConfig:
     opt: str = "adamW"
     lr: float
     weight_decay: float = 0.02
+    # ZeroRedundancyOptimizer: each of N ranks keeps the AdamW state of 1/N of the weights (several
+    # processes only); checkpoints still hold the whole state, gathered on rank 0 when saving
+    zero_redundancy: bool = False
 
     def __post_init__(self):
         if self.opt.lower() != "adamw" or self.lr <= 0 or self.weight_decay < 0:
@@ -428,19 +434,142 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last:
                       generator=torch.Generator().manual_seed(seed))  # the workers' base seed: not the global RNG
 
 
+class ResumableStream(IterableDataset):
+    """Per-rank batches read from shards, the streaming counterpart of ResumableBatchSampler +
+    SeededDataset, driven by `train_one_epoch` through the same set_epoch / set_start / num_batches.
+    `source` has `urls`, `samples(urls, rng)` (raw samples in read order through a shuffle buffer) and
+    `decode(sample)` (raising CorruptSample): datasets.shards.PretrainShards.
+
+    Readers: worker w of rank r's DataLoader (w = 0 without workers) is reader g = r * W + w of
+    G = world_size * W. Each epoch the shard list is permuted by (seed, epoch); reader g reads shards
+    g, g + G, ... (so ranks and workers read disjoint shards) through a buffer shuffled by (seed, epoch,
+    g), and reads them again in a new order if its share runs out before the epoch ends. An epoch is
+    `samples_per_epoch` samples over all ranks: every rank yields num_batches = samples_per_epoch //
+    (world_size * batch_size) batches, batch b made by worker b % W (the DataLoader's round robin), so
+    ranks step in lockstep whatever their shards hold. Decoding and collate are seeded by (seed, epoch,
+    shard, key): a sample's augmentation depends neither on the worker count nor on the resume point.
+
+    `set_start(b)` (resume): each reader first drops, without decoding, the samples it put in batches
+    before b, and the workers' roles rotate so that the loader's first batch is batch b. With the same
+    world size and workers this replays the uninterrupted stream exactly, but for corrupt samples met
+    before the stop: they were skipped after decoding, so dropping by count drops that many too few
+    and repeats as many samples. With another world size or worker count the shards are dealt anew; each reader
+    drops its share of the samples done, which covers the same start of the epoch's shard order up to
+    about one shard and one shuffle buffer per reader.
+    """
+
+    def __init__(self, source, batch_size: int, *, samples_per_epoch: int, collate_fn: Callable | None = None,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.num_batches = samples_per_epoch // (world_size * batch_size)
+        if self.num_batches < 1:
+            raise ValueError(f"{samples_per_epoch} samples per epoch make no batch of {batch_size} "
+                             f"on {world_size} ranks")
+        self.source, self.batch_size, self.rank, self.world_size = source, batch_size, rank, world_size
+        self.collate, self.seed, self.epoch, self.start = SeededCollate(collate_fn, seed), seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, batch_index: int) -> None:
+        if not 0 <= batch_index <= self.num_batches:
+            raise ValueError(f"start batch {batch_index} outside an epoch of {self.num_batches} batches")
+        self.start = batch_index
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+    def epoch_shards(self) -> list[str]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, "shards", self.epoch))
+        return [self.source.urls[i] for i in torch.randperm(len(self.source.urls), generator=g).tolist()]
+
+    def _read(self, reader: int, readers: int, passes: list[int]):
+        """The reader's raw samples, its shards read again (re-ordered) for as long as needed."""
+        shards = self.epoch_shards()[reader::readers]
+        if not shards:
+            raise ShardError(f"{len(self.source.urls)} shards for {readers} readers (ranks x workers): "
+                             "write smaller shards or use fewer workers")
+        for p in itertools.count():
+            rng = random.Random(mix_seed(self.seed, "reader", self.epoch, reader, p))
+            order = shards if p == 0 else rng.sample(shards, len(shards))
+            passes[0], n = p, 0
+            for n, sample in enumerate(self.source.samples(order, rng), 1):
+                yield sample
+            if n == 0:
+                raise ShardError(f"no samples in shards {', '.join(order[:5])}{', ...' * (len(order) > 5)}")
+            if p == 0:
+                logger.info("rank %d reader %d: its %d shards hold fewer samples than its part of epoch %d; "
+                            "reading them again", self.rank, reader, len(shards), self.epoch)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        role = (worker + self.start) % workers  # the loader's first batch is batch `start`
+        reader, passes, corrupt = self.rank * workers + role, [0], self.source.num_corrupt
+        samples = self._read(reader, self.world_size * workers, passes)
+        done = len(range(role, self.start, workers))
+        for _ in itertools.islice(samples, done * self.batch_size):
+            pass  # read, not decoded
+        good, first_pass = 0, passes[0]
+        for _ in range(role + done * workers, self.num_batches, workers):
+            items = []
+            while len(items) < self.batch_size:
+                sample = next(samples)
+                key = (self.epoch, os.path.basename(sample["__url__"]), sample["__key__"])
+                try:
+                    with seeded(mix_seed(self.seed, "sample", *key)):
+                        items.append((key, self.source.decode(sample)))
+                    good += 1
+                except CorruptSample as e:
+                    self.source.skip(str(e))
+                    if not good and passes[0] > first_pass + 1:  # a whole pass over its shards decoded nothing
+                        raise ShardError(f"rank {self.rank} reader {reader}: no usable sample in its shards") from e
+            yield self.collate(items)
+        if self.source.num_corrupt > corrupt:
+            logger.warning("rank %d reader %d skipped %d corrupt samples in epoch %d", self.rank, reader,
+                           self.source.num_corrupt - corrupt, self.epoch)
+
+
+def build_stream_loader(source, batch_size: int, *, samples_per_epoch: int, collate_fn: Callable | None = None,
+                        num_workers: int = 4, dist: DistInfo | None = None, seed: int = 0) -> DataLoader:
+    """This rank's loader over shards (see ResumableStream). Its workers start anew each epoch (not
+    persistent): they read the epoch and start batch that `train_one_epoch` sets."""
+    dist = dist or DistInfo()
+    readers = dist.world_size * max(1, num_workers)
+    if len(source.urls) < readers:
+        raise ShardError(f"{len(source.urls)} shards for {readers} readers ({dist.world_size} ranks x "
+                         f"{max(1, num_workers)} workers): each needs a shard; write smaller shards or use "
+                         "fewer workers")
+    stream = ResumableStream(source, batch_size, samples_per_epoch=samples_per_epoch, collate_fn=collate_fn,
+                             rank=dist.rank, world_size=dist.world_size, seed=seed)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dist.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))  # not the global RNG (dropout, MLM masks)
+
+
+def loader_position(loader: DataLoader):
+    """What holds a loader's epoch and start batch: its ResumableBatchSampler or its ResumableStream
+    (None for other loaders)."""
+    return next((obj for obj in (loader.batch_sampler, loader.dataset) if hasattr(obj, "set_start")), None)
+
+
 # --------------------------------------------------------------------------------- optimizer and lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """AdamW without weight decay on 1-D tensors and `.bias`; frozen params left out. ALBEF parity:
-    pos_embed, cls_token and the 0-dim `temp` are decayed, as timm's `add_weight_decay` did."""
+    pos_embed, cls_token and the 0-dim `temp` are decayed, as timm's `add_weight_decay` did.
+    With `zero_redundancy` and a process group of several ranks, the same AdamW inside a
+    ZeroRedundancyOptimizer (same updates; its `state_dict` is the plain AdamW one once consolidated)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
     fast = {"fused": True} if all(p.is_cuda for p in decay + no_decay) else {"foreach": True}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **fast)
+    groups = [g for g in groups if g["params"]]
+    if cfg.zero_redundancy and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        logger.info("ZeroRedundancyOptimizer: AdamW state sharded over %d ranks", tdist.get_world_size())
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=cfg.lr, **fast)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **fast)
 
 
 def lr_at(step: int, total_steps: int, cfg: SchedulerConfig) -> float:
@@ -615,25 +744,42 @@ def restore_rng(rng: list[dict] | dict, rank: int | None = None) -> None:
 
 
 def resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg_dict: dict | typing.Any,
-                 epoch: int, step: int, step_in_epoch: int) -> dict:
+                 epoch: int, step: int, step_in_epoch: int, *, steps_per_epoch: int | None = None,
+                 samples_per_step: int | None = None) -> dict:
     """The checkpoint dict: the original's layout (`model`, `optimizer`, `lr_scheduler`, `config`,
-    `epoch`) plus `step` (optimizer steps done in all), `step_in_epoch` (done in `epoch`) and `rng`
-    (a list, one entry per rank). Collective: every rank calls it, rank 0 then saves."""
-    gathered = [rng_state()]
+    `epoch`) plus `step` (optimizer steps done in all), `step_in_epoch` (done in `epoch`), `rng`
+    (a list, one entry per rank), `world_size`, and, where given, `steps_per_epoch` and
+    `samples_per_step` (over all ranks) so that a run on another number of processes can find its
+    place. A ZeroRedundancyOptimizer's state is gathered on rank 0 first: the file holds the whole
+    plain AdamW state either way. Collective: every rank calls it, rank 0 then saves."""
+    gathered, world_size = [rng_state()], 1
     if tdist.is_available() and tdist.is_initialized():
-        gathered, local = [None] * tdist.get_world_size(), gathered[0]
+        world_size = tdist.get_world_size()
+        gathered, local = [None] * world_size, gathered[0]
         tdist.all_gather_object(gathered, local)
     if dataclasses.is_dataclass(cfg_dict):
         cfg_dict = config_to_dict(cfg_dict)
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+    zero = isinstance(optimizer, ZeroRedundancyOptimizer)
+    if zero:
+        optimizer.consolidate_state_dict(to=0)  # collective
+    optim_state = optimizer.state_dict() if not zero or is_main_process() else {}  # ZeRO: rank 0 holds it all
+    return {"model": unwrap(model).state_dict(), "optimizer": optim_state,
             "lr_scheduler": {"step": step}, "config": cfg_dict, "epoch": epoch,
-            "step": step, "step_in_epoch": step_in_epoch, "rng": gathered}
+            "step": step, "step_in_epoch": step_in_epoch, "rng": gathered, "world_size": world_size,
+            "steps_per_epoch": steps_per_epoch, "samples_per_step": samples_per_step}
 
 
-def resume_position(state: dict, steps_per_epoch: int) -> tuple[int, int]:
+def resume_position(state: dict, steps_per_epoch: int, samples_per_step: int | None = None) -> tuple[int, int]:
     """(epoch, step_in_epoch) to continue from. A finished epoch, or an original ALBEF checkpoint
-    (no `step_in_epoch`), continues with the next epoch."""
+    (no `step_in_epoch`), continues with the next epoch. A checkpoint whose steps held another number
+    of samples (another world size, batch size or accum_steps) is placed by samples: at the last step
+    boundary before the samples it had done, so fewer than `samples_per_step` samples are seen twice."""
     done = state.get("step_in_epoch", steps_per_epoch)
+    old = state.get("samples_per_step")
+    if old and samples_per_step and old != samples_per_step:
+        if done >= (state.get("steps_per_epoch") or done + 1):
+            return state["epoch"] + 1, 0
+        done = done * old // samples_per_step
     return (state["epoch"] + 1, 0) if done >= steps_per_epoch else (state["epoch"], done)
 
 
@@ -642,7 +788,7 @@ def resume_position(state: dict, steps_per_epoch: int) -> tuple[int, int]:
 
 def steps_per_epoch(loader: DataLoader, accum_steps: int) -> int:
     """Optimizer steps in one epoch of `loader`; a last incomplete accumulation group is not run."""
-    return getattr(loader.batch_sampler, "num_batches", len(loader)) // accum_steps
+    return (getattr(loader_position(loader), "num_batches", None) or len(loader)) // accum_steps
 
 
 def autocast_context(amp: str, device: torch.device):
@@ -704,7 +850,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     averages over all ranks, keyed like the outputs plus `lr` (and `grad_norm` with clipping).
     """
     model.train()
-    micro, sampler = cfg.accum_steps, loader.batch_sampler
+    micro, sampler = cfg.accum_steps, loader_position(loader)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     if hasattr(sampler, "set_start"):
@@ -712,7 +858,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if sampler.num_batches < steps_per_epoch * micro:
             raise ValueError(f"{steps_per_epoch} steps × {micro} batches > {sampler.num_batches} batches per epoch")
     elif start_step_in_epoch:
-        raise ValueError("resuming mid-epoch needs a loader from build_loader")
+        raise ValueError("resuming mid-epoch needs a loader from build_loader or build_stream_loader")
     metrics, data_time, header = MetricLogger(), SmoothedValue(), f"Train Epoch: [{epoch}]"
     batches, params = _timed(iter(loader), data_time), [p for p in model.parameters() if p.requires_grad]
     start_time = window_time = time.perf_counter()
@@ -760,7 +906,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
         keep_every_epoch: bool = False, ddp_kwargs: dict | None = None, tb=None) -> dict[str, float]:
     """The epoch loop every task script shares; `cfg` carries the engine knobs and `schedular`.
 
-    `resume`: a checkpoint_last.pth of this run (weights, optimizer, position, RNG, best score).
+    `resume`: a checkpoint_last.pth of this run (weights, optimizer, position, RNG, best score), also
+    one written by another number of processes (placed by samples, see `resume_position`; ranks the
+    file has no RNG state for keep their own seed).
     Each epoch: `train_one_epoch`, then `evaluate(epoch)` (if given), `checkpoint_last.pth` (resumable,
     also every `save_every_steps`), `checkpoint_XX.pth` with `keep_every_epoch` (the original's
     pretraining habit), `checkpoint_best.pth` (weights) when `stats[select]` improves, one log.txt line.
@@ -772,11 +920,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
 
     steps_per_epoch_ = steps_per_epoch(loader, cfg.accum_steps)
     total_steps = steps_per_epoch_ * cfg.schedular.epochs
+    batch_size = getattr(loader_position(loader), "batch_size", None) or loader.batch_size
+    samples_per_step = batch_size * cfg.accum_steps * dist.world_size if batch_size else None
     start_epoch, start_step, best = 0, 0, float("-inf")
     if resume:
         state = load_model_checkpoint(model, resume)
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = resume_position(state, steps_per_epoch_)
+        start_epoch, start_step = resume_position(state, steps_per_epoch_, samples_per_step)
+        if state.get("world_size", dist.world_size) != dist.world_size:
+            logger.warning("%s was written by %d processes, resuming on %d: placed by samples done in the epoch "
+                           "(%s per step then, %s now)", resume, state["world_size"], dist.world_size,
+                           state.get("samples_per_step"), samples_per_step)
         best = state.get("best", best)
         if "rng" in state:
             restore_rng(state["rng"])
@@ -785,7 +939,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
     epoch, log = start_epoch, {}
 
     def save(name: str, step: int, step_in_epoch: int) -> None:
-        state = resume_state(model, optimizer, cfg, epoch, step, step_in_epoch) | {"best": best}
+        state = resume_state(model, optimizer, cfg, epoch, step, step_in_epoch, steps_per_epoch=steps_per_epoch_,
+                             samples_per_step=samples_per_step) | {"best": best}
         save_checkpoint(os.path.join(output_dir, name), state)
 
     def on_step(step: int, step_in_epoch: int) -> None:

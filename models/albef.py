@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert
+from models.vilta import ViLTA
 from models.vit import build_vit, load_vit_weights, resize_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -225,22 +226,32 @@ class ALBEFBase(nn.Module):
         """One hard negative per row: an image for every text, then a text for every image."""
         return torch.multinomial(weights_t2i, 1).squeeze(1), torch.multinomial(weights_i2t, 1).squeeze(1)
 
-    def itm(self, image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict):
+    def itm(self, image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict,
+            synth_embeds: torch.Tensor | None = None, synth_valid: torch.Tensor | None = None):
         """Image-text matching on B positives and 2B hard negatives in one batched fusion pass.
 
         ALBEF parity: rows are [positives; (text b, negative image); (negative text, image b)] and the
         negative text keeps its own padding mask; labels are 1 for the first B rows.
+        ViLTA: `synth_embeds` (text states of synthesized captions) adds B rows (synthesized caption b,
+        image b) to the same pass, scored as negatives into `out["loss_itm_synth"]` where `synth_valid`.
         """
         B = image_embeds.shape[0]
         with torch.no_grad():
             weights_i2t = negative_weights(sim_i2t[:, :B], same)
             weights_t2i = negative_weights(sim_t2i[:, :B], same)
         neg_image, neg_text = self.sample_negatives(weights_t2i, weights_i2t)
-        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])
-        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-        image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-        fused = self.bert.fuse(text_all, mask_all, image_all)
+        text_all = [text_embeds, text_embeds, text_embeds[neg_text]]
+        mask_all = [attention_mask, attention_mask, attention_mask[neg_text]]
+        image_all = [image_embeds, image_embeds[neg_image], image_embeds]
+        if synth_embeds is not None:
+            text_all, mask_all, image_all = text_all + [synth_embeds], mask_all + [attention_mask], image_all + [image_embeds]
+        fused = self.bert.fuse(torch.cat(text_all), torch.cat(mask_all), torch.cat(image_all))
         logits = self.itm_head(fused[:, 0])
+        if synth_embeds is not None:
+            logits, synth_logits = logits[: 3 * B], logits[3 * B :]
+            ce = F.cross_entropy(synth_logits, torch.zeros(B, dtype=torch.long, device=logits.device), reduction="none")
+            out["loss_itm_synth"] = (ce * synth_valid).sum() / synth_valid.sum().clamp(min=1)
+            out["itm_synth_acc"] = ((synth_logits.argmax(1) == 0).float() * synth_valid).sum() / synth_valid.sum().clamp(min=1)
         labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(logits.device)
         out.update(itm_weights_i2t=weights_i2t, itm_weights_t2i=weights_t2i, fusion_pos_hidden=fused[:B],
                    fusion_neg_hidden=fused[B:], itm_logits=logits, itm_labels=labels)
@@ -254,6 +265,7 @@ class ALBEF(ALBEFBase):
     """The pretraining model: `forward(image, input_ids, attention_mask, alpha)` -> named losses."""
 
     momentum_names = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+    vilta: ViLTA | None = None  # set by Pretrain.py when the config enables ViLTA; not part of the state dict
 
     def __init__(self, cfg: ALBEFConfig, bert_cfg: BertConfig):
         super().__init__(cfg, bert_cfg, mlm_head=True)
@@ -292,13 +304,17 @@ class ALBEF(ALBEFBase):
                    loss_t2i=loss_t2i)
         return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
-    def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha: float, out: dict, full=False):
+    def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha: float, out: dict, full=False,
+            cross_weight: float | None = None):
         """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions.
 
         ALBEF parity: the logits come from a separate full pass over the masked ids (not from the ITM
         fusion pass), and the soft targets from the momentum encoder with the momentum image states.
         The vocabulary head runs only at masked positions (15 % of them) unless `full` logits are asked
         for; the loss is the same either way.
+        ViLTA cross-distillation (`cross_weight` w given): the target becomes (1 - w) * base + w * teacher
+        (`models.vilta.mixed_mlm_targets`), base = one-hot ("cross") or ALBEF's mix ("both"); the loss,
+        linear in the target, is returned as (1 - w) * base loss plus `out["loss_mlm_cross"]` = w * teacher KD.
         """
         masked_ids, labels = self.mask_tokens(input_ids)
         with torch.no_grad():
@@ -315,14 +331,24 @@ class ALBEF(ALBEFBase):
         log_probs = F.log_softmax(logits.float(), dim=-1)
         ce = -log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         kd = -(F.softmax(logits_m.float(), dim=-1) * log_probs).sum(-1)
-        loss = (((1 - alpha) * ce + alpha * kd) * valid).sum() / valid.sum().clamp(min=1)
+        if cross_weight is None:
+            loss = (((1 - alpha) * ce + alpha * kd) * valid).sum() / valid.sum().clamp(min=1)
+        else:
+            base = ce if self.vilta.cfg.mlm_soft_target == "cross" else (1 - alpha) * ce + alpha * kd
+            probs_t = self.vilta.teacher_probs(masked_ids, attention_mask, labels != -100)
+            kd_t = -(probs_t * (log_probs[valid] if full else log_probs)).sum(-1)
+            loss = (1 - cross_weight) * (base * valid).sum() / valid.sum().clamp(min=1)
+            out["loss_mlm_cross"] = cross_weight * kd_t.mean() if kd_t.numel() else kd_t.sum()
         out.update(mlm_input_ids=masked_ids, mlm_labels=labels, mlm_logits=logits, mlm_logits_m=logits_m)
         return loss
 
-    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, image_ids=None, return_outputs=False):
+    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, image_ids=None, return_outputs=False,
+                cross_weight: float | None = None):
         """Losses {"loss_mlm", "loss_ita", "loss_itm"} (+ "temp"); with `return_outputs` every
         intermediate tensor too. `image_ids` [B], when given, keeps captions of the same image from being
-        drawn as each other's ITM negatives (the original only excludes the diagonal)."""
+        drawn as each other's ITM negatives (the original only excludes the diagonal).
+        With `self.vilta` set (models/vilta.py): "loss_mlm_cross" when `cross_weight` is given, and
+        "loss_itm_synth", "itm_synth_acc", "synth_replaced" with synthesized negatives."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)  # ALBEF parity: clamped in place at every forward
         out: dict[str, torch.Tensor] = {}
@@ -340,10 +366,25 @@ class ALBEF(ALBEFBase):
         same = torch.eye(B, dtype=torch.bool, device=image.device)
         if image_ids is not None:
             same = same | (image_ids[:, None] == image_ids[None, :])
-        loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
-        loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, out, full=return_outputs)
+        synth_embeds = synth_valid = None
+        if self.vilta is not None and self.vilta.cfg.synth_negatives:
+            synth_ids, replaced = self.vilta.synthesize(self.text_encoder, input_ids, attention_mask)
+            synth_valid = replaced.any(1).float()  # a caption with no word to replace is no negative
+            synth_embeds = self.bert(synth_ids, attention_mask, mode="text")
+            out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum())
+        loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out,
+                            synth_embeds, synth_valid)
+        if cross_weight is not None and (self.vilta is None or not self.vilta.cfg.cross):
+            raise ValueError("cross_weight needs a model with vilta.mlm_soft_target 'cross' or 'both'")
+        loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, out, full=return_outputs,
+                            cross_weight=cross_weight)
 
         losses = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm, "temp": self.temp.detach()}
+        if self.vilta is not None:
+            losses |= {k: out[k] for k in ("loss_mlm_cross", "loss_itm_synth", "itm_synth_acc", "synth_replaced")
+                       if k in out}
+            if "loss_itm_synth" in losses:
+                losses["loss_itm_synth"] = self.vilta.cfg.itm_synth_weight * losses["loss_itm_synth"]
         if return_outputs:
             out.update(image_embeds=image_embeds, image_embeds_m=image_embeds_m, text_embeds=text_embeds,
                        text_embeds_m=text_embeds_m, image_feat=image_feat, text_feat=text_feat,
@@ -361,7 +402,7 @@ def load_checkpoint_file(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same user error
+    except Exception as e:
         raise CheckpointError(f"{path}: not a loadable checkpoint (weights_only): {type(e).__name__}: {e}") from e
 
 

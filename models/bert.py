@@ -24,7 +24,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["multimodal", "text", "fusion"]
+Mode = Literal["multimodal", "text", "fusion", "language"]
 
 
 @dataclass
@@ -88,7 +88,13 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    """Multi-head attention; keys and values come from `context` (`kv_width` wide), queries from `x`."""
+    """Multi-head attention; keys and values come from `context` (`kv_width` wide), queries from `x`.
+
+    `keep_attention` (off by default; Grad-CAM turns it on for one cross-attention layer) computes the
+    same function explicitly instead of with SDPA and keeps the probabilities [B, heads, Lq, Lk] (before
+    dropout, as the original's `save_attention`) in `attention_map`, part of the autograd graph, so
+    `torch.autograd.grad(score, attention_map)` gives their gradient.
+    """
 
     def __init__(self, cfg: BertConfig, kv_width: int):
         super().__init__()
@@ -97,6 +103,8 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
+        self.keep_attention = False
+        self.attention_map: torch.Tensor | None = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
@@ -105,7 +113,14 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
         dropout_p = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if self.keep_attention:
+            scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            self.attention_map = scores.softmax(dim=-1)
+            out = F.dropout(self.attention_map, dropout_p, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         B, H, L, Dh = out.shape
         return out.transpose(1, 2).reshape(B, L, H * Dh)
 
@@ -151,8 +166,9 @@ class BertLayer(nn.Module):
         self.output = BertSelfOutput(cfg, cfg.intermediate_size)
 
     def forward(self, x, mask, image_embeds=None, image_mask=None) -> torch.Tensor:
+        """Without `image_embeds` a fusion layer skips its cross-attention (BertModel's "language" mode)."""
         x = self.attention(x, x, mask)
-        if self.crossattention is not None:
+        if self.crossattention is not None and image_embeds is not None:
             x = self.crossattention(x, image_embeds, image_mask)
         return self.output(self.intermediate(x), x)
 
@@ -175,7 +191,9 @@ def self_attention_mask(attention_mask: torch.Tensor, causal: bool = False) -> t
 
 
 class BertModel(nn.Module):
-    """Embeddings + layers. `mode` picks the layers: "text" 0..F-1, "fusion" F..L-1, "multimodal" all.
+    """Embeddings + layers. `mode` picks the layers: "text" 0..F-1, "fusion" F..L-1, "multimodal" all;
+    "language" runs all layers without their cross-attention: the text-only language model the encoder
+    was initialised from (fusion layers start as BERT's upper layers), which ViLTA asks for predictions.
 
     `fuse` runs the fusion layers on text states computed earlier (ALBEF shares the text pass between
     ITC and ITM). Image tokens are never padded, so `image_mask` is only used by the VQA decoder.
@@ -211,6 +229,8 @@ class BertModel(nn.Module):
             raise ValueError("use BertModel.fuse for the fusion layers alone")
         if mode == "multimodal" and F_ < len(self.encoder.layer) and image_embeds is None:
             raise ValueError("multimodal mode needs image_embeds")
+        if mode == "language":
+            image_embeds = image_mask = None
         x = self.embeddings(input_ids)
         return self.run_layers(x, attention_mask, layers, image_embeds, image_mask, causal)
 
@@ -363,3 +383,24 @@ def load_hf_bert(model: BertModel | BertForMaskedLM, name_or_path: str) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     new = sorted({k.split(".crossattention")[0] + ".crossattention" if "crossattention" in k else k for k in missing})
     logger.info("text encoder from %s; newly initialised: %s; unused: %s", name_or_path, new, unexpected)
+
+
+def save_hf_bert(model: BertForMaskedLM, folder: str, vocab_file: str | None = None) -> None:
+    """Write `model` as a Hugging Face BERT folder (config.json, model.safetensors, vocab.txt) that
+    `load_hf_bert`, `transformers` and ViLTA's teacher read. The tied decoder weight and bias are
+    stored once, under the embedding and `cls.predictions.bias` names, as Hugging Face does."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tied = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(sd, os.path.join(folder, "model.safetensors"))
+    config = asdict(model.config) | {"architectures": ["BertForMaskedLM"], "model_type": "bert"}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if vocab_file:
+        import shutil
+
+        shutil.copyfile(vocab_file, os.path.join(folder, "vocab.txt"))

