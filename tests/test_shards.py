@@ -263,3 +263,56 @@ def test_shard_path_trains_and_resumes_exactly(tmp_path):
     assert a["step"] == b["step"] == 7 and a["samples_per_step"] == 4
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+KILLED_LAUNCHER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.use_deterministic_algorithms(True)
+torch.set_num_threads(1)
+import Pretrain
+Pretrain.main(sys.argv[1:])
+"""
+
+
+def test_shard_run_killed_by_sigkill_resumes_from_its_periodic_checkpoint(tmp_path):
+    """A real kill: the run (with a DataLoader worker) is SIGKILLed once its first periodic checkpoint
+    exists; resumed from it, the weights equal an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_pretrain import CONFIG, TINY_BERT, small_opts
+
+    (tmp_path / "bert_tiny.json").write_text(json.dumps(TINY_BERT))
+    shards(tmp_path, 48, 8)
+    opts = small_opts(tmp_path, train_file="[]", train_shards=str(tmp_path / "shards" / "{000000..000005}.tar"),
+                      train_samples_per_epoch=48, shuffle_buffer=8, num_workers=1, save_every_steps=2,
+                      **{"schedular.epochs": 2})  # 24 steps
+    base = ["--config", CONFIG, "--device", "cpu", "--opts", *opts]
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(KILLED_LAUNCHER.format(root=str(ROOT)))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(launcher), "--output_dir", str(killed), *base],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint_last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader worker
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step = torch.load(killed / "checkpoint_last.pth", weights_only=True)["step"]
+    assert 2 <= step < 24
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        Pretrain.main(["--output_dir", str(tmp_path / "straight"), *base])
+        Pretrain.main(["--output_dir", str(killed), "--resume", str(killed / "checkpoint_last.pth"), *base])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = (torch.load(d / "checkpoint_last.pth", weights_only=True) for d in (tmp_path / "straight", killed))
+    assert a["step"] == b["step"] == 24
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
