@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="step budget of every run, in demo epochs")
     p.add_argument("--max_steps", type=int, help="a smaller budget than --epochs (smoke tests)")
     p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--teacher_steps", type=int, default=300)
+    p.add_argument("--teacher_steps", type=int, default=100)
     p.add_argument("--test_file", default="data/demo/retrieval_test.json")
     p.add_argument("--image_root", default="data/demo")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep each run's checkpoint_last.pth")

@@ -20,13 +20,18 @@ VE: per image an entailment (true statement), a contradiction (one wrong colour,
 half of them with an extra clause) and a neutral: the true colour and shape plus a clause the
 pixels can never settle ("is made of paper"). A clause narrows the label to neutral or
 contradiction; only the image tells which. Simple on purpose: the demo only has to be learnable.
+Grounding (grounding/, RefCOCO+'s layout, see `grounding_files`): the shape's box is where alpha > 0.5;
+8 proposals per image, one near that box. Written last, from its own random stream, so the files
+above do not depend on it.
 """
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +40,9 @@ from pathlib import Path
 import easy_vqa
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from datasets.grounding import compute_iou as iou  # noqa: E402  the metric's own IoU
 
 COLOURS: dict[str, tuple[int, int, int]] = {  # easy-vqa gen_data/color.py
     "black": (0, 0, 0), "gray": (128, 128, 128), "red": (255, 0, 0), "green": (0, 255, 0),
@@ -69,6 +77,7 @@ class Item:
     box_frac: float  # (widest row * tallest column) / image area
     ink_frac: float  # alpha sum / image area
     cy: float  # centre of mass row, pixels
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # [x, y, w, h] of the alpha > 0.5 pixels
     colour: str = ""
     shape: str = ""
     size: str = ""
@@ -97,7 +106,10 @@ def measure(key: str, source: Path) -> Item:
     cy, cx = (rows * alpha).sum() / ink, (cols * alpha).sum() / ink
     r, c = (min(int(v * 3 / n), 2) for v, n in ((cy, x.shape[0]), (cx, x.shape[1])))
     area = x.shape[0] * x.shape[1]
-    return Item(key, source, colour, shape, GRID[3 * r + c], float(width * height / area), float(ink / area), float(cy))
+    ys, xs = np.nonzero(alpha > 0.5)
+    box = (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))
+    return Item(key, source, colour, shape, GRID[3 * r + c], float(width * height / area), float(ink / area), float(cy),
+                box)
 
 
 def read_questions() -> dict[str, list[tuple[str, str]]]:
@@ -224,6 +236,89 @@ def vqa_entries(items: list[Item], questions: dict[str, list[tuple[str, str]]], 
             for n, (item, q, a) in enumerate(pairs)]
 
 
+# ALBEF's RefCOCO+ forbids location words; so do these expressions.
+EXPRESSIONS = ("the {colour} {shape}", "{colour} {shape}", "the {size} {colour} {shape}", "the {colour} one",
+               "the {size} {shape}", "a {shape} colored {colour}")
+
+
+def proposals(box, side: int, rng: random.Random, n: int = 8) -> list[list[float]]:
+    """`n` detector-like boxes [x, y, w, h]: the shape's `box` jittered (IoU >= 0.6), a part of the shape,
+    the shape with much background, and boxes elsewhere; every other box has IoU < 0.5 with `box`.
+    Shuffled, so the good box has no fixed place (ties go to the first box)."""
+    x, y, w, h = box
+
+    def clip(bx, by, bw, bh):
+        bx, by = min(max(bx, 0.0), side - 1.0), min(max(by, 0.0), side - 1.0)
+        return [round(bx, 1), round(by, 1), round(max(1.0, min(bw, side - bx)), 1), round(max(1.0, min(bh, side - by)), 1)]
+
+    def draw(make, accept, tries=200):
+        for _ in range(tries):
+            cand = clip(*make())
+            if accept(iou(box, cand)):
+                return cand
+        return None
+
+    def jitter():
+        return (x + rng.uniform(-0.1, 0.1) * w, y + rng.uniform(-0.1, 0.1) * h,
+                w * rng.uniform(0.9, 1.1), h * rng.uniform(0.9, 1.1))
+
+    def part():
+        pw, ph = w * rng.uniform(0.35, 0.7), h * rng.uniform(0.35, 0.7)
+        return x + rng.uniform(0, w - pw), y + rng.uniform(0, h - ph), pw, ph
+
+    def context():
+        cw, ch = w * rng.uniform(1.6, 2.4), h * rng.uniform(1.6, 2.4)
+        return x - rng.uniform(0, cw - w), y - rng.uniform(0, ch - h), cw, ch
+
+    def elsewhere():
+        bw, bh = rng.uniform(8, side / 2), rng.uniform(8, side / 2)
+        return rng.uniform(0, side - bw), rng.uniform(0, side - bh), bw, bh
+
+    boxes = [draw(jitter, lambda v: v >= 0.6) or clip(*box)]
+    boxes += [b for b in (draw(part, lambda v: v < 0.5), draw(context, lambda v: v < 0.5)) if b]
+    while len(boxes) < n:
+        boxes.append(draw(elsewhere, lambda v: v < 0.1) or draw(elsewhere, lambda v: v < 0.5, 10_000))
+    rng.shuffle(boxes)
+    return boxes
+
+
+def grounding_files(items: list[Item], splits: dict[str, list[Item]], out: Path, rng: random.Random) -> dict:
+    """Weakly supervised grounding in RefCOCO+'s files (what Grounding.py reads), under `out`:
+    refcoco+_{train,val,test}.json expressions `{"image", "text", "ref_id"}`; refcoco+/refs(unc).json
+    (the official refs(unc).p as JSON: one ref per image, its split and sentences),
+    refcoco+/instances.json (COCO-style images and shape boxes), refcoco+/dets.json (proposals).
+    Train: 2 expressions per image; val and test: 1. testA holds the small shapes of the test split,
+    testB the others (RefCOCO+ splits people from objects; the demo has neither)."""
+    folder = out / "refcoco+"
+    folder.mkdir(parents=True, exist_ok=True)
+    image_id = {item.key: n for n, item in enumerate(items)}
+    refs, expressions = [], {"train": [], "val": [], "test": []}
+    for split, split_items in splits.items():
+        for item in split_items:
+            slots = dict(size=item.size, colour=item.colour, shape=item.shape)
+            texts = [t.format(**slots) for t in rng.sample(EXPRESSIONS, 2 if split == "train" else 1)]
+            ref_split = split if split != "test" else "testA" if item.size == "small" else "testB"
+            ref_id = image_id[item.key]
+            refs.append({"ref_id": ref_id, "ann_id": ref_id, "image_id": ref_id, "split": ref_split,
+                         "category_id": SHAPES.index(item.shape) + 1, "file_name": item.image,
+                         "sentences": [{"sent_id": 2 * ref_id + k, "sent": t, "raw": t, "tokens": t.split()}
+                                       for k, t in enumerate(texts)]})
+            expressions[split] += [{"image": item.image, "text": t, "ref_id": ref_id} for t in texts]
+    side = 64  # easy-vqa's size; checked below
+    instances = {"images": [{"id": image_id[i.key], "file_name": i.image, "height": side, "width": side} for i in items],
+                 "annotations": [{"id": image_id[i.key], "image_id": image_id[i.key], "bbox": list(i.box),
+                                  "area": i.box[2] * i.box[3], "category_id": SHAPES.index(i.shape) + 1} for i in items],
+                 "categories": [{"id": k + 1, "name": s} for k, s in enumerate(SHAPES)]}
+    if any(i.box[0] + i.box[2] > side or i.box[1] + i.box[3] > side for i in items):
+        raise ValueError("easy-vqa images are no longer 64 x 64 pixels")
+    dets = {str(image_id[i.key]): proposals(i.box, side, rng) for split_items in splits.values() for i in split_items}
+    counts = {f"refcoco+_{s}": write_json(out / f"refcoco+_{s}.json", e) for s, e in expressions.items()}
+    write_json(folder / "refs(unc).json", refs)
+    write_json(folder / "instances.json", instances)
+    counts["dets"] = write_json(folder / "dets.json", dets)
+    return counts
+
+
 def write_json(path: Path, data: object) -> int:
     path.write_text(json.dumps(data, indent=None))
     return len(data)  # type: ignore[arg-type]
@@ -278,10 +373,13 @@ def main(argv: list[str] | None = None) -> dict:
         "sizes": list(SIZES),
     }
     write_json(args.out / "meta.json", meta)
+    grounding = grounding_files(items, {"train": train, "val": dev, "test": test}, args.out / "grounding",
+                                random.Random(f"grounding-{args.seed}"))
     print(f"wrote {len(items)} images and {len(files)} files to {args.out} in {time.perf_counter() - start:.1f}s")
     print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     print(f"  pixel vs easy-vqa answers: colour {stats['colour_agreement']} of {stats['colour_checked']}, "
           f"shape {stats['shape_agreement']} of {stats['shape_checked']}")
+    print(f"  grounding: {grounding}")
     return meta
 
 
