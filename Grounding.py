@@ -29,8 +29,17 @@ import torch
 import torch.distributed as tdist
 
 import utils
-from datasets.grounding import (GroundingDataset, chance_accuracy, collate_grounding_eval, grounding_accuracy,
-                                grounding_predictions, load_dets, load_refer, write_predictions)
+from datasets import loaders
+from datasets.grounding import (
+    GroundingDataset,
+    chance_accuracy,
+    collate_grounding_eval,
+    grounding_accuracy,
+    grounding_predictions,
+    load_dets,
+    load_refer,
+    write_predictions,
+)
 from datasets.retrieval import collate_retrieval
 from datasets.text import build_tokenizer
 from datasets.transforms import test_transform, train_transform
@@ -137,7 +146,7 @@ def main(argv=None) -> dict:
         if ids:
             logger.info("%s: %d expressions, chance (random proposal) %.3f", split, len(ids),
                         chance_accuracy(refer, dets, ids))
-    with utils.seeded(cfg.seed):
+    with loaders.seeded(cfg.seed):
         model = build_model(cfg, args.checkpoint, args.resume)
     model.to(dist.device)
     tb = utils.build_tb_writer(args.output_dir)
@@ -162,7 +171,7 @@ def main(argv=None) -> dict:
     else:
         transform = train_transform(cfg.image_res, None, cfg.hflip, cfg.randaugment)  # resize, no crop
         train_set = GroundingDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, train=True)
-        loader = utils.build_loader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
+        loader = loaders.build_loader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
                                     collate_fn=collate_retrieval(tokenizer), num_workers=cfg.num_workers,
                                     dist=dist, seed=cfg.seed)
         steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 import utils
+from datasets import loaders
 from datasets.base import Annotations
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.retrieval import evaluate_itc
@@ -93,7 +94,7 @@ def main(argv=None) -> ALBEF:
 
     def evaluate(epoch: int) -> dict:
         if examples:
-            log_synthesized(model, examples, tokenizer, seed=utils.mix_seed(cfg.seed, epoch))
+            log_synthesized(model, examples, tokenizer, seed=loaders.mix_seed(cfg.seed, epoch))
         return {f"val_{k}": v for k, v in report(val, model, cfg, args.output_dir, tb, epoch, dist).items()} if val else {}
 
     utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
@@ -114,13 +115,13 @@ def build_train_loader(cfg: PretrainConfig, tokenizer, dist: utils.DistInfo):
         raise utils.ConfigError("set one of train_file (JSON lists) and train_shards (WebDataset shards)")
     if cfg.train_file:
         dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
-        return utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        return loaders.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                                   num_workers=cfg.num_workers, dist=dist, seed=cfg.seed), len(dataset)
     if not cfg.train_samples_per_epoch or cfg.train_samples_per_epoch < 1:
         raise utils.ConfigError("train_shards needs train_samples_per_epoch (samples over all ranks; "
                                 "json_to_shards.py prints it, img2dataset's *_stats.json count `successes`)")
     source = PretrainShards(cfg.train_shards, transform, cfg.max_words, cfg.shuffle_buffer)
-    loader = utils.build_stream_loader(source, cfg.batch_size, samples_per_epoch=cfg.train_samples_per_epoch,
+    loader = loaders.build_stream_loader(source, cfg.batch_size, samples_per_epoch=cfg.train_samples_per_epoch,
                                        collate_fn=collate, num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
     return loader, cfg.train_samples_per_epoch
 

@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 import utils
+from datasets import loaders
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.text import build_tokenizer
 from datasets.transforms import PRETRAIN_SCALE, train_transform
@@ -61,7 +62,7 @@ def main(argv=None) -> ALBEFTextAssignment:
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
     dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
-    loader = utils.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True,
+    loader = loaders.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True,
                                 collate_fn=collate_pretrain(tokenizer), num_workers=cfg.num_workers,
                                 dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)

@@ -34,8 +34,15 @@ from typing import Literal
 import torch
 
 import utils
-from datasets.retrieval import (RetrievalEvalDataset, RetrievalTrainDataset, collate_retrieval, recall_metrics,
-                                retrieval_features, retrieval_scores)
+from datasets import loaders
+from datasets.retrieval import (
+    RetrievalEvalDataset,
+    RetrievalTrainDataset,
+    collate_retrieval,
+    recall_metrics,
+    retrieval_features,
+    retrieval_scores,
+)
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
 from models.albef import build_bert_config, load_checkpoint_file, load_state_dict_strict
@@ -123,7 +130,7 @@ def main(argv=None) -> dict:
 
     train_set = RetrievalTrainDataset(cfg.train_file, train_transform(
         cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment), cfg.image_root, cfg.max_words)
-    loader = utils.build_loader(train_set, cfg.batch_size_train, shuffle=True, drop_last=True,
+    loader = loaders.build_loader(train_set, cfg.batch_size_train, shuffle=True, drop_last=True,
                                 collate_fn=collate_retrieval(tokenizer), num_workers=cfg.num_workers,
                                 dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)

@@ -15,11 +15,11 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 
-
 import utils
-from datasets.ve import VEDataset, collate_ve
+from datasets import loaders
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
+from datasets.ve import VEDataset, collate_ve
 from models.albef import ALBEFConfig, build_bert_config
 from models.bert import resolve_pretrained
 from models.ve import ALBEFVE, load_ve_checkpoint
@@ -68,7 +68,7 @@ def main(argv=None) -> ALBEFVE:
     evals = {split: VEDataset(files, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
              for split, files in (("val", cfg.val_file), ("test", cfg.test_file))}
 
-    with utils.seeded(cfg.seed):  # the same new heads on every rank, also for --evaluate (no DDP broadcast)
+    with loaders.seeded(cfg.seed):  # the same new heads on every rank, also for --evaluate (no DDP broadcast)
         model = ALBEFVE(cfg, build_bert_config(cfg), distill=cfg.distill)
     if args.checkpoint:
         load_ve_checkpoint(model, args.checkpoint)
@@ -85,7 +85,7 @@ def main(argv=None) -> ALBEFVE:
 
     transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
     dataset = VEDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words)
-    loader = utils.build_loader(dataset, cfg.batch_size_train, shuffle=True, drop_last=True, collate_fn=collate,
+    loader = loaders.build_loader(dataset, cfg.batch_size_train, shuffle=True, drop_last=True, collate_fn=collate,
                                 num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
     logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,

@@ -22,10 +22,18 @@ import torch
 import torch.distributed as tdist
 
 import utils
+from datasets import loaders
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
-from datasets.vqa import (VQADataset, VQAEvalDataset, answer_tokens, collate_vqa_eval, collate_vqa_train,
-                          vqa_accuracy, write_result_file)
+from datasets.vqa import (
+    VQADataset,
+    VQAEvalDataset,
+    answer_tokens,
+    collate_vqa_eval,
+    collate_vqa_train,
+    vqa_accuracy,
+    write_result_file,
+)
 from models.albef import build_bert_config
 from models.bert import resolve_pretrained
 from models.vqa import VQAModel, VQAModelConfig, load_vqa_checkpoint
@@ -65,7 +73,7 @@ def main(argv=None) -> dict[str, float]:
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     test_set = VQAEvalDataset(cfg.test_file, test_transform(cfg.image_res), cfg.answer_list, cfg.vqa_root, cfg.vg_root)
-    test_loader = utils.build_loader(test_set, cfg.batch_size_test, shuffle=False, drop_last=False,
+    test_loader = loaders.build_loader(test_set, cfg.batch_size_test, shuffle=False, drop_last=False,
                                      collate_fn=collate_vqa_eval(tokenizer), num_workers=cfg.num_workers,
                                      dist=dist, seed=cfg.seed)
     if args.evaluate and not args.checkpoint:
@@ -100,7 +108,7 @@ def train(args, cfg: VQAConfig, model: VQAModel, tokenizer, dist) -> int:
         raise utils.ConfigError(f"{args.config}: train_file is empty (use --evaluate to rank only)")
     transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
     dataset = VQADataset(cfg.train_file, transform, cfg.vqa_root, cfg.vg_root, cfg.eos)
-    loader = utils.build_loader(dataset, cfg.batch_size_train, shuffle=True, drop_last=True,
+    loader = loaders.build_loader(dataset, cfg.batch_size_train, shuffle=True, drop_last=True,
                                 collate_fn=collate_vqa_train(tokenizer), num_workers=cfg.num_workers,
                                 dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)

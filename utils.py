@@ -13,8 +13,6 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
-import hashlib
-import itertools
 import json
 import logging
 import math
@@ -36,9 +34,12 @@ from ruamel.yaml.error import YAMLError
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+)
 
-from datasets.shards import CorruptSample, ShardError
+from datasets.loaders import loader_position
 from models.albef import CheckpointError, load_checkpoint_file  # noqa: F401 - CheckpointError re-exported
 
 logger = logging.getLogger(__name__)
@@ -321,234 +322,6 @@ def wrap_ddp(model: nn.Module, dist: DistInfo, **ddp_kwargs) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
-
-
-# ------------------------------------------------------------------------------------------- loading
-
-
-def mix_seed(*parts) -> int:
-    """A 63-bit seed that is a pure function of `parts`, the same in every process and run."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a block with torch (CPU), `random` and numpy seeded from `seed`, then put their states back,
-    so the training RNG stream (dropout, MLM masks) never depends on data loading."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
-
-
-class ResumableBatchSampler(Sampler):
-    """Per-rank batches of `(epoch, index)` keys.
-
-    The order is a permutation seeded by (seed, epoch), split across ranks like `DistributedSampler`
-    (padded by wrapping, or truncated with `drop_last`), so every rank yields the same number of
-    batches. `set_start(b)` skips the first `b` batches without loading them (mid-epoch resume);
-    `len()` counts the batches still to come, `num_batches` the whole epoch.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = True, seed: int = 0):
-        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
-        self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, 0, 0
-        div = (lambda a, b: a // b) if drop_last else (lambda a, b: -(-a // b))
-        self.per_rank = div(num_samples, world_size)
-        self.num_batches = div(self.per_rank, batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_start(self, batch_index: int) -> None:
-        if not 0 <= batch_index <= self.num_batches:
-            raise ValueError(f"start batch {batch_index} outside an epoch of {self.num_batches} batches")
-        self.start = batch_index
-
-    def __len__(self) -> int:
-        return self.num_batches - self.start
-
-    def rank_indices(self) -> list[int]:
-        n, total = self.num_samples, self.per_rank * self.world_size
-        order = list(range(n))
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))).tolist()
-        order += (order * math.ceil(max(0, total - n) / n))[: max(0, total - n)]
-        return order[self.rank:total:self.world_size]
-
-    def __iter__(self):
-        idx, bs = self.rank_indices(), self.batch_size
-        for b in range(self.start, self.num_batches):
-            yield [(self.epoch, i) for i in idx[b * bs:(b + 1) * bs]]
-
-
-class SeededDataset(Dataset):
-    """`dataset[index]` with every RNG seeded from (seed, epoch, index): augmentation is a pure function
-    of the sample's key, whatever the worker count or resume point. Attributes of the inner dataset
-    (annotations for evaluation) are reachable through the wrapper."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        with seeded(mix_seed(self.seed, "sample", *key)):
-            return key, self.dataset[key[1]]
-
-    def __getattr__(self, name: str):
-        if name in ("dataset", "seed") or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
-class SeededCollate:
-    """The dataset's collate, seeded from the batch's keys, which it then drops."""
-
-    def __init__(self, collate_fn: Callable | None, seed: int):
-        self.collate_fn, self.seed = collate_fn or default_collate, seed
-
-    def __call__(self, items: list):
-        with seeded(mix_seed(self.seed, "collate", tuple(k for k, _ in items))):
-            return self.collate_fn([sample for _, sample in items])
-
-
-def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool,
-                 collate_fn: Callable | None = None, num_workers: int = 4, dist: DistInfo | None = None,
-                 seed: int = 0) -> DataLoader:
-    """This rank's loader; its batches and augmentations depend only on (seed, epoch, position).
-    `train_one_epoch` sets its epoch and start batch (`loader.batch_sampler`)."""
-    dist = dist or DistInfo()
-    sampler = ResumableBatchSampler(len(dataset), batch_size, rank=dist.rank, world_size=dist.world_size,
-                                    shuffle=shuffle, drop_last=drop_last, seed=seed)
-    return DataLoader(SeededDataset(dataset, seed), batch_sampler=sampler, collate_fn=SeededCollate(collate_fn, seed),
-                      num_workers=num_workers, pin_memory=dist.device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))  # the workers' base seed: not the global RNG
-
-
-class ResumableStream(IterableDataset):
-    """Per-rank batches read from shards, the streaming counterpart of ResumableBatchSampler +
-    SeededDataset, driven by `train_one_epoch` through the same set_epoch / set_start / num_batches.
-    `source` has `urls`, `samples(urls, rng)` (raw samples in read order through a shuffle buffer) and
-    `decode(sample)` (raising CorruptSample): datasets.shards.PretrainShards.
-
-    Readers: worker w of rank r's DataLoader (w = 0 without workers) is reader g = r * W + w of
-    G = world_size * W. Each epoch the shard list is permuted by (seed, epoch); reader g reads shards
-    g, g + G, ... (so ranks and workers read disjoint shards) through a buffer shuffled by (seed, epoch,
-    g), and reads them again in a new order if its share runs out before the epoch ends. An epoch is
-    `samples_per_epoch` samples over all ranks: every rank yields num_batches = samples_per_epoch //
-    (world_size * batch_size) batches, batch b made by worker b % W (the DataLoader's round robin), so
-    ranks step in lockstep whatever their shards hold. Decoding and collate are seeded by (seed, epoch,
-    shard, key): a sample's augmentation depends neither on the worker count nor on the resume point.
-
-    `set_start(b)` (resume): each reader first drops, without decoding, the samples it put in batches
-    before b, and the workers' roles rotate so that the loader's first batch is batch b. With the same
-    world size and workers this replays the uninterrupted stream exactly, but for corrupt samples met
-    before the stop: they were skipped after decoding, so dropping by count drops that many too few
-    and repeats as many samples. With another world size or worker count the shards are dealt anew; each reader
-    drops its share of the samples done, which covers the same start of the epoch's shard order up to
-    about one shard and one shuffle buffer per reader.
-    """
-
-    def __init__(self, source, batch_size: int, *, samples_per_epoch: int, collate_fn: Callable | None = None,
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.num_batches = samples_per_epoch // (world_size * batch_size)
-        if self.num_batches < 1:
-            raise ValueError(f"{samples_per_epoch} samples per epoch make no batch of {batch_size} "
-                             f"on {world_size} ranks")
-        self.source, self.batch_size, self.rank, self.world_size = source, batch_size, rank, world_size
-        self.collate, self.seed, self.epoch, self.start = SeededCollate(collate_fn, seed), seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_start(self, batch_index: int) -> None:
-        if not 0 <= batch_index <= self.num_batches:
-            raise ValueError(f"start batch {batch_index} outside an epoch of {self.num_batches} batches")
-        self.start = batch_index
-
-    def __len__(self) -> int:
-        return self.num_batches - self.start
-
-    def epoch_shards(self) -> list[str]:
-        g = torch.Generator().manual_seed(mix_seed(self.seed, "shards", self.epoch))
-        return [self.source.urls[i] for i in torch.randperm(len(self.source.urls), generator=g).tolist()]
-
-    def _read(self, reader: int, readers: int, passes: list[int]):
-        """The reader's raw samples, its shards read again (re-ordered) for as long as needed."""
-        shards = self.epoch_shards()[reader::readers]
-        if not shards:
-            raise ShardError(f"{len(self.source.urls)} shards for {readers} readers (ranks x workers): "
-                             "write smaller shards or use fewer workers")
-        for p in itertools.count():
-            rng = random.Random(mix_seed(self.seed, "reader", self.epoch, reader, p))
-            order = shards if p == 0 else rng.sample(shards, len(shards))
-            passes[0], n = p, 0
-            for n, sample in enumerate(self.source.samples(order, rng), 1):
-                yield sample
-            if n == 0:
-                raise ShardError(f"no samples in shards {', '.join(order[:5])}{', ...' * (len(order) > 5)}")
-            if p == 0:
-                logger.info("rank %d reader %d: its %d shards hold fewer samples than its part of epoch %d; "
-                            "reading them again", self.rank, reader, len(shards), self.epoch)
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        role = (worker + self.start) % workers  # the loader's first batch is batch `start`
-        reader, passes, corrupt = self.rank * workers + role, [0], self.source.num_corrupt
-        samples = self._read(reader, self.world_size * workers, passes)
-        done = len(range(role, self.start, workers))
-        for _ in itertools.islice(samples, done * self.batch_size):
-            pass  # read, not decoded
-        good, first_pass = 0, passes[0]
-        for _ in range(role + done * workers, self.num_batches, workers):
-            items = []
-            while len(items) < self.batch_size:
-                sample = next(samples)
-                key = (self.epoch, os.path.basename(sample["__url__"]), sample["__key__"])
-                try:
-                    with seeded(mix_seed(self.seed, "sample", *key)):
-                        items.append((key, self.source.decode(sample)))
-                    good += 1
-                except CorruptSample as e:
-                    self.source.skip(str(e))
-                    if not good and passes[0] > first_pass + 1:  # a whole pass over its shards decoded nothing
-                        raise ShardError(f"rank {self.rank} reader {reader}: no usable sample in its shards") from e
-            yield self.collate(items)
-        if self.source.num_corrupt > corrupt:
-            logger.warning("rank %d reader %d skipped %d corrupt samples in epoch %d", self.rank, reader,
-                           self.source.num_corrupt - corrupt, self.epoch)
-
-
-def build_stream_loader(source, batch_size: int, *, samples_per_epoch: int, collate_fn: Callable | None = None,
-                        num_workers: int = 4, dist: DistInfo | None = None, seed: int = 0) -> DataLoader:
-    """This rank's loader over shards (see ResumableStream). Its workers start anew each epoch (not
-    persistent): they read the epoch and start batch that `train_one_epoch` sets."""
-    dist = dist or DistInfo()
-    readers = dist.world_size * max(1, num_workers)
-    if len(source.urls) < readers:
-        raise ShardError(f"{len(source.urls)} shards for {readers} readers ({dist.world_size} ranks x "
-                         f"{max(1, num_workers)} workers): each needs a shard; write smaller shards or use "
-                         "fewer workers")
-    stream = ResumableStream(source, batch_size, samples_per_epoch=samples_per_epoch, collate_fn=collate_fn,
-                             rank=dist.rank, world_size=dist.world_size, seed=seed)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=dist.device.type == "cuda",
-                      generator=torch.Generator().manual_seed(seed))  # not the global RNG (dropout, MLM masks)
-
-
-def loader_position(loader: DataLoader):
-    """What holds a loader's epoch and start batch: its ResumableBatchSampler or its ResumableStream
-    (None for other loaders)."""
-    return next((obj for obj in (loader.batch_sampler, loader.dataset) if hasattr(obj, "set_start")), None)
 
 
 # --------------------------------------------------------------------------------- optimizer and lr
@@ -916,7 +689,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
     `tb` is the script's TensorBoard writer (from `build_tb_writer`; the script closes it).
     Returns the last epoch's log line.
     """
-    from models.albef import load_model_checkpoint  # models is a sibling package; keep utils light to import
+    from models.albef import (
+        load_model_checkpoint,  # models is a sibling package; keep utils light to import
+    )
 
     steps_per_epoch_ = steps_per_epoch(loader, cfg.accum_steps)
     total_steps = steps_per_epoch_ * cfg.schedular.epochs

@@ -6,7 +6,7 @@ The format side of streaming: which shards a pattern names, how shards are read 
 (image tensor, caption) with the same transform and `pre_caption` as the JSON path, and how an ALBEF
 JSON list is written as shards (scripts/json_to_shards.py). The training order (shards per (seed,
 epoch), split over ranks and workers, a fixed sample count per epoch, resume) is the engine's
-`utils.ResumableStream`, the streaming counterpart of the map-style loader.
+`datasets.loaders.ResumableStream`, the streaming counterpart of the map-style loader.
 
 Bad data never stops a run midway: a shard that cannot be opened or is truncated, a member that does
 not decode and a sample without an image or a caption are skipped, counted and named (shard and key)
@@ -27,7 +27,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datasets.base import AnnotationError, Annotations, ImageLoadError, PathLike, image_path
+from datasets.base import (
+    AnnotationError,
+    Annotations,
+    ImageLoadError,
+    PathLike,
+    image_path,
+)
 from datasets.text import pre_caption
 
 logger = logging.getLogger(__name__)

@@ -27,8 +27,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils  # noqa: E402
-from datasets.retrieval import (RetrievalEvalDataset, feature_similarity, recall_metrics,  # noqa: E402
-                                retrieval_features, retrieval_scores)
+from datasets.retrieval import (  # noqa: E402
+    RetrievalEvalDataset,
+    feature_similarity,
+    recall_metrics,
+    retrieval_features,
+    retrieval_scores,
+)
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, tokenize  # noqa: E402
 from datasets.transforms import test_transform  # noqa: E402
 from models.albef import build_bert_config, load_checkpoint_file, load_state_dict_strict  # noqa: E402

@@ -37,9 +37,21 @@ sys.path.insert(0, str(ROOT))
 from datasets.base import open_image  # noqa: E402
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize  # noqa: E402
 from datasets.transforms import test_transform  # noqa: E402
-from models.albef import CheckpointError, build_bert_config, load_checkpoint_file, load_state_dict_strict  # noqa: E402
+from models.albef import (  # noqa: E402
+    CheckpointError,
+    build_bert_config,
+    load_checkpoint_file,
+    load_state_dict_strict,
+)
 from models.bert import resolve_pretrained  # noqa: E402
-from models.gradcam import check_block_num, default_block_num, fusion_layer_range, itc_map, itm_token_maps, sentence_map  # noqa: E402
+from models.gradcam import (  # noqa: E402
+    check_block_num,
+    default_block_num,
+    fusion_layer_range,
+    itc_map,
+    itm_token_maps,
+    sentence_map,
+)
 from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, retrieval_state_dict  # noqa: E402
 
 logger = logging.getLogger("visualize")

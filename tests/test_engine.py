@@ -17,6 +17,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils  # noqa: E402
+from datasets import loaders  # noqa: E402
 from utils import ConfigError, EngineConfig, OptimizerConfig, SchedulerConfig  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ toys
@@ -193,21 +194,21 @@ def test_checkpoint_atomic_and_weights_only(tmp_path):
 def test_sampler_ranks_disjoint_and_covering():
     keys = []
     for rank in range(2):
-        s = utils.ResumableBatchSampler(20, 3, rank=rank, world_size=2, shuffle=True, drop_last=False, seed=1)
+        s = loaders.ResumableBatchSampler(20, 3, rank=rank, world_size=2, shuffle=True, drop_last=False, seed=1)
         s.set_epoch(4)
         batches = list(s)
         assert len(batches) == len(s) == 4 and all(e == 4 for b in batches for e, _ in b)
         keys.append([i for b in batches for _, i in b])
     assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == list(range(20))
-    s2 = utils.ResumableBatchSampler(20, 3, rank=0, world_size=2, shuffle=True, drop_last=False, seed=1)
+    s2 = loaders.ResumableBatchSampler(20, 3, rank=0, world_size=2, shuffle=True, drop_last=False, seed=1)
     s2.set_epoch(5)
     assert [i for b in s2 for _, i in b] != keys[0]  # a new order each epoch
-    s3 = utils.ResumableBatchSampler(21, 4, rank=1, world_size=2, shuffle=True, drop_last=True)
+    s3 = loaders.ResumableBatchSampler(21, 4, rank=1, world_size=2, shuffle=True, drop_last=True)
     assert s3.num_batches == 2 and all(len(b) == 4 for b in s3)
 
 
 def test_sampler_set_start_skips_batches():
-    s = utils.ResumableBatchSampler(40, 4, rank=1, world_size=2, shuffle=True, seed=3)
+    s = loaders.ResumableBatchSampler(40, 4, rank=1, world_size=2, shuffle=True, seed=3)
     s.set_epoch(2)
     full = list(s)
     s.set_start(3)
@@ -218,7 +219,7 @@ def test_augmentation_seeding_independent_of_workers():
     ds = NoisyDataset(16)
 
     def epoch_batches(num_workers: int, epoch: int) -> list:
-        loader = utils.build_loader(ds, 4, shuffle=True, drop_last=True, num_workers=num_workers, seed=7)
+        loader = loaders.build_loader(ds, 4, shuffle=True, drop_last=True, num_workers=num_workers, seed=7)
         loader.batch_sampler.set_epoch(epoch)
         return [b["x"] for b in loader]
 
@@ -249,7 +250,7 @@ def _run(tmp_path, *, resume_from=None, stop_at=None, epochs=2, engine=None, bat
     utils.seed_everything(seed)
     model = ToyModel(dropout=dropout).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05) if sgd else utils.build_optimizer(model, OptimizerConfig(lr=0.05))
-    loader = utils.build_loader(NoisyDataset(32, augment=augment), batch_size, shuffle=True, drop_last=True,
+    loader = loaders.build_loader(NoisyDataset(32, augment=augment), batch_size, shuffle=True, drop_last=True,
                                 num_workers=engine.num_workers, dist=dist, seed=engine.seed)
     spe = utils.steps_per_epoch(loader, engine.accum_steps)
     sched = _sched(epochs=epochs, **({"lr": 0.005, "warmup_lr": 0.0005} if sgd else {}))  # SGD: stable
@@ -372,7 +373,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
         model = utils.wrap_ddp(ToyModel(dropout=0.2), dist)
         utils.seed_everything(engine.seed, dist.rank)
         opt = utils.build_optimizer(model, OptimizerConfig(lr=0.05))
-        loader = utils.build_loader(NoisyDataset(32), 4, shuffle=True, drop_last=True, num_workers=0,
+        loader = loaders.build_loader(NoisyDataset(32), 4, shuffle=True, drop_last=True, num_workers=0,
                                     dist=dist, seed=engine.seed)
         spe = utils.steps_per_epoch(loader, engine.accum_steps)
         seen = [int(i) for b in loader for i in b["idx"]]

@@ -17,6 +17,7 @@ from PIL import Image
 
 import Pretrain
 import utils
+from datasets import loaders
 from datasets.pretrain import PretrainDataset
 from datasets.shards import PretrainShards, ShardError, expand_shards, write_shards
 from datasets.text import pre_caption
@@ -60,10 +61,10 @@ def keys(items) -> list[str]:  # the collate of key streams
 
 def epoch_batches(source, *, samples, batch=4, rank=0, world=1, epoch=0, start=0, workers=0) -> list[list[str]]:
     dist = DistInfo(rank=rank, world_size=world)
-    loader = utils.build_stream_loader(source, batch, samples_per_epoch=samples, collate_fn=keys,
+    loader = loaders.build_stream_loader(source, batch, samples_per_epoch=samples, collate_fn=keys,
                                        num_workers=workers, dist=dist, seed=3)
-    utils.loader_position(loader).set_epoch(epoch)
-    utils.loader_position(loader).set_start(start)
+    loaders.loader_position(loader).set_epoch(epoch)
+    loaders.loader_position(loader).set_start(start)
     return list(loader)
 
 
@@ -227,7 +228,7 @@ def test_resume_position_is_placed_by_samples():
     def samples(world, start=0, stop=None):
         out = []
         for r in range(world):
-            sampler = utils.ResumableBatchSampler(64, 4, rank=r, world_size=world, seed=1)
+            sampler = loaders.ResumableBatchSampler(64, 4, rank=r, world_size=world, seed=1)
             sampler.set_start(start)
             out += [i for b in list(sampler)[: None if stop is None else stop - start] for _, i in b]
         return out
