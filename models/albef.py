@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert
+from models.bert import KV, BertConfig, BertForMaskedLM, BertModel, load_hf_bert, select_image_kv
 from models.vilta import ViLTA
 from models.vit import build_vit, load_vit_weights, resize_pos_embed
 
@@ -44,6 +44,10 @@ class ALBEFConfig:
     queue_size: int = 65536
     momentum: float = 0.995
     alpha: float = 0.4
+    grad_checkpointing: bool = False  # recompute the student ViT blocks and BERT layers in backward (NLVR: ViT only)
+    # torch.compile the student ViT and each student BERT layer (NLVR: ViT only); dropout then draws from
+    # inductor's RNG, not eager's (same distribution; torch._inductor.config.fallback_random for the same draws)
+    compile: bool = False
 
     def __post_init__(self):
         if self.vision_width != self.vit_width:
@@ -149,6 +153,18 @@ class ALBEFBase(nn.Module):
             raise ValueError(f"bert_config.encoder_width {bert_cfg.encoder_width} != vit_width {cfg.vit_width}")
         self.visual_encoder = build_vit(cfg.image_res, cfg.vit_patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads)
         self.text_encoder = BertForMaskedLM(bert_cfg) if mlm_head else BertModel(bert_cfg)
+        self.set_speed_options(cfg.grad_checkpointing, cfg.compile)
+
+    def set_speed_options(self, grad_checkpointing: bool, compile: bool = False) -> None:
+        """Gradient checkpointing and `torch.compile` of the student encoders, block by block (the ViT runs
+        through `forward_features`, BERT through `fuse` too): the same function (compile: up to rounding
+        and dropout draws). Momentum twins copied later keep neither (they run without gradient; a deep
+        copy of a compiled module is not compiled); `Module.compile` keeps the state-dict names."""
+        self.visual_encoder.set_grad_checkpointing(grad_checkpointing)
+        self.bert.grad_checkpointing = grad_checkpointing
+        if compile:
+            for block in [*self.visual_encoder.blocks, *self.bert.encoder.layer]:
+                block.compile()
 
     @property
     def bert(self) -> BertModel:
@@ -167,6 +183,9 @@ class ALBEFBase(nn.Module):
         for name in self.momentum_names:
             twin = copy.deepcopy(getattr(self, name))
             twin.requires_grad_(False)
+            for m in twin.modules():  # runs under no_grad: nothing to recompute
+                if hasattr(m, "grad_checkpointing"):
+                    m.grad_checkpointing = False
             setattr(self, name + "_m", twin)
 
     def momentum_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -227,8 +246,12 @@ class ALBEFBase(nn.Module):
         return torch.multinomial(weights_t2i, 1).squeeze(1), torch.multinomial(weights_i2t, 1).squeeze(1)
 
     def itm(self, image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict,
-            synth_embeds: torch.Tensor | None = None, synth_valid: torch.Tensor | None = None):
+            synth_embeds: torch.Tensor | None = None, synth_valid: torch.Tensor | None = None,
+            image_kv: list[KV] | None = None):
         """Image-text matching on B positives and 2B hard negatives in one batched fusion pass.
+
+        The rows read only the B images: their cross-attention keys and values (`image_kv`, computed
+        here if not given) are projected once and indexed per row, not projected 3B (4B) times.
 
         ALBEF parity: rows are [positives; (text b, negative image); (negative text, image b)] and the
         negative text keeps its own padding mask; labels are 1 for the first B rows.
@@ -242,10 +265,13 @@ class ALBEFBase(nn.Module):
         neg_image, neg_text = self.sample_negatives(weights_t2i, weights_i2t)
         text_all = [text_embeds, text_embeds, text_embeds[neg_text]]
         mask_all = [attention_mask, attention_mask, attention_mask[neg_text]]
-        image_all = [image_embeds, image_embeds[neg_image], image_embeds]
+        rows = torch.arange(B, device=image_embeds.device)
+        image_all = [rows, neg_image, rows]
         if synth_embeds is not None:
-            text_all, mask_all, image_all = text_all + [synth_embeds], mask_all + [attention_mask], image_all + [image_embeds]
-        fused = self.bert.fuse(torch.cat(text_all), torch.cat(mask_all), torch.cat(image_all))
+            text_all, mask_all, image_all = text_all + [synth_embeds], mask_all + [attention_mask], image_all + [rows]
+        image_kv = self.bert.image_kv(image_embeds) if image_kv is None else image_kv
+        fused = self.bert.fuse(torch.cat(text_all), torch.cat(mask_all),
+                               image_kv=select_image_kv(image_kv, torch.cat(image_all)))
         logits = self.itm_head(fused[:, 0])
         if synth_embeds is not None:
             logits, synth_logits = logits[: 3 * B], logits[3 * B :]
@@ -305,7 +331,7 @@ class ALBEF(ALBEFBase):
         return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
     def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha: float, out: dict, full=False,
-            cross_weight: float | None = None):
+            cross_weight: float | None = None, image_kv: list[KV] | None = None):
         """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions.
 
         ALBEF parity: the logits come from a separate full pass over the masked ids (not from the ITM
@@ -315,11 +341,12 @@ class ALBEF(ALBEFBase):
         ViLTA cross-distillation (`cross_weight` w given): the target becomes (1 - w) * base + w * teacher
         (`models.vilta.mixed_mlm_targets`), base = one-hot ("cross") or ALBEF's mix ("both"); the loss,
         linear in the target, is returned as (1 - w) * base loss plus `out["loss_mlm_cross"]` = w * teacher KD.
+        `image_kv`: the student's projected image keys/values (`BertModel.image_kv`), shared with ITM.
         """
         masked_ids, labels = self.mask_tokens(input_ids)
         with torch.no_grad():
             hidden_m = self.text_encoder_m.bert(masked_ids, attention_mask, image_embeds_m)
-        hidden = self.text_encoder.bert(masked_ids, attention_mask, image_embeds)
+        hidden = self.text_encoder.bert(masked_ids, attention_mask, image_embeds, image_kv=image_kv)
         targets = labels
         if not full:
             selected = labels != -100
@@ -372,12 +399,13 @@ class ALBEF(ALBEFBase):
             synth_valid = replaced.any(1).float()  # a caption with no word to replace is no negative
             synth_embeds = self.bert(synth_ids, attention_mask, mode="text")
             out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum())
+        image_kv = self.bert.image_kv(image_embeds)  # once for the ITM and MLM passes
         loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out,
-                            synth_embeds, synth_valid)
+                            synth_embeds, synth_valid, image_kv)
         if cross_weight is not None and (self.vilta is None or not self.vilta.cfg.cross):
             raise ValueError("cross_weight needs a model with vilta.mlm_soft_target 'cross' or 'both'")
         loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, out, full=return_outputs,
-                            cross_weight=cross_weight)
+                            cross_weight=cross_weight, image_kv=image_kv)
 
         losses = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm, "temp": self.temp.detach()}
         if self.vilta is not None:

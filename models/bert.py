@@ -21,10 +21,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
 Mode = Literal["multimodal", "text", "fusion", "language"]
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cross-attention (keys, values) [B, N, hidden]
 
 
 @dataclass
@@ -94,6 +96,9 @@ class BertSelfAttention(nn.Module):
     same function explicitly instead of with SDPA and keeps the probabilities [B, heads, Lq, Lk] (before
     dropout, as the original's `save_attention`) in `attention_map`, part of the autograd graph, so
     `torch.autograd.grad(score, attention_map)` gives their gradient.
+
+    `kv`, when given, is this layer's (keys, values) [B, Lk, hidden] already projected from `context`
+    (`BertModel.image_kv`), so that passes over the same images share one projection.
     """
 
     def __init__(self, cfg: BertConfig, kv_width: int):
@@ -110,8 +115,10 @@ class BertSelfAttention(nn.Module):
         B, L, D = x.shape
         return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None,
+                kv: KV | None = None) -> torch.Tensor:
+        k, v = kv if kv is not None else (self.key(context), self.value(context))
+        q, k, v = self._heads(self.query(x)), self._heads(k), self._heads(v)
         dropout_p = self.dropout_p if self.training else 0.0
         if self.keep_attention:
             scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
@@ -144,8 +151,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg, kv_width)
         self.output = BertSelfOutput(cfg, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, context, mask), x)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None,
+                kv: KV | None = None) -> torch.Tensor:
+        return self.output(self.self(x, context, mask, kv), x)
 
 
 class BertIntermediate(nn.Module):
@@ -165,11 +173,12 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertSelfOutput(cfg, cfg.intermediate_size)
 
-    def forward(self, x, mask, image_embeds=None, image_mask=None) -> torch.Tensor:
-        """Without `image_embeds` a fusion layer skips its cross-attention (BertModel's "language" mode)."""
+    def forward(self, x, mask, image_embeds=None, image_mask=None, image_kv: KV | None = None) -> torch.Tensor:
+        """Without `image_embeds` or `image_kv` (this layer's projected keys, values) a fusion layer skips
+        its cross-attention (BertModel's "language" mode)."""
         x = self.attention(x, x, mask)
-        if self.crossattention is not None and image_embeds is not None:
-            x = self.crossattention(x, image_embeds, image_mask)
+        if self.crossattention is not None and (image_embeds is not None or image_kv is not None):
+            x = self.crossattention(x, image_embeds, image_mask, image_kv)
         return self.output(self.intermediate(x), x)
 
 
@@ -197,6 +206,11 @@ class BertModel(nn.Module):
 
     `fuse` runs the fusion layers on text states computed earlier (ALBEF shares the text pass between
     ITC and ITM). Image tokens are never padded, so `image_mask` is only used by the VQA decoder.
+
+    `image_kv` (one (keys, values) per fusion layer from `image_kv`, rows matching the text rows) stands
+    in for `image_embeds`: the projections read the image alone, so passes over the same images compute
+    them once and index them per row (`select_image_kv`). `grad_checkpointing` (off by default)
+    recomputes each layer in backward instead of keeping its activations, when gradients are recorded.
     """
 
     def __init__(self, cfg: BertConfig):
@@ -204,14 +218,27 @@ class BertModel(nn.Module):
         self.config = cfg
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
+        self.grad_checkpointing = False
 
-    def run_layers(self, x, attention_mask, layers, image_embeds=None, image_mask=None, causal=False):
+    def run_layers(self, x, attention_mask, layers, image_embeds=None, image_mask=None, causal=False,
+                   image_kv: list[KV] | None = None):
+        """`image_kv`, if given, holds one entry per layer of `layers` that has cross-attention, in order."""
         mask = self_attention_mask(attention_mask, causal)
         if image_mask is not None:
             image_mask = image_mask.bool()[:, None, None, :]
+        kv = iter(image_kv or ())
         for layer in layers:
-            x = layer(x, mask, image_embeds, image_mask)
+            layer_kv = next(kv) if image_kv is not None and layer.crossattention is not None else None
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, mask, image_embeds, image_mask, layer_kv, use_reentrant=False)
+            else:
+                x = layer(x, mask, image_embeds, image_mask, layer_kv)
         return x
+
+    def image_kv(self, image_embeds: torch.Tensor) -> list[KV]:
+        """Cross-attention (keys, values) [B, N, hidden] of every fusion layer for image tokens [B, N, W]."""
+        return [(l.crossattention.self.key(image_embeds), l.crossattention.self.value(image_embeds))
+                for l in self.encoder.layer[self.config.fusion_layer :]]
 
     def forward(
         self,
@@ -221,23 +248,31 @@ class BertModel(nn.Module):
         image_mask: torch.Tensor | None = None,
         mode: Mode = "multimodal",
         causal: bool = False,
+        image_kv: list[KV] | None = None,
     ) -> torch.Tensor:
         """Returns the last hidden state [B, L, hidden]."""
         F_ = self.config.fusion_layer
         layers = self.encoder.layer[:F_] if mode == "text" else self.encoder.layer
         if mode == "fusion":
             raise ValueError("use BertModel.fuse for the fusion layers alone")
-        if mode == "multimodal" and F_ < len(self.encoder.layer) and image_embeds is None:
+        if mode == "multimodal" and F_ < len(self.encoder.layer) and image_embeds is None and image_kv is None:
             raise ValueError("multimodal mode needs image_embeds")
         if mode == "language":
-            image_embeds = image_mask = None
+            image_embeds = image_mask = image_kv = None
         x = self.embeddings(input_ids)
-        return self.run_layers(x, attention_mask, layers, image_embeds, image_mask, causal)
+        return self.run_layers(x, attention_mask, layers, image_embeds, image_mask, causal, image_kv)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None) -> torch.Tensor:
-        """Fusion layers F..L-1 applied to text-mode states [B, L, hidden]."""
+    def fuse(self, text_embeds, attention_mask, image_embeds=None, image_mask=None,
+             image_kv: list[KV] | None = None) -> torch.Tensor:
+        """Fusion layers F..L-1 applied to text-mode states [B, L, hidden]; the image as `image_embeds`
+        or as its projected `image_kv`."""
         layers = self.encoder.layer[self.config.fusion_layer :]
-        return self.run_layers(text_embeds, attention_mask, layers, image_embeds, image_mask)
+        return self.run_layers(text_embeds, attention_mask, layers, image_embeds, image_mask, image_kv=image_kv)
+
+
+def select_image_kv(image_kv: list[KV], rows: torch.Tensor) -> list[KV]:
+    """`BertModel.image_kv` of B images -> the same for rows `rows` [R] of them (gradients flow back)."""
+    return [(k[rows], v[rows]) for k, v in image_kv]
 
 
 class TwoImageBertModel(BertModel):

