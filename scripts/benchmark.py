@@ -41,6 +41,7 @@ from datasets.shards import write_shards  # noqa: E402
 from datasets.text import build_tokenizer  # noqa: E402
 from models.albef import ALBEF, build_bert_config  # noqa: E402
 from models.bert import resolve_pretrained  # noqa: E402
+from models.vilta import ViLTA  # noqa: E402
 from Pretrain import PretrainConfig, build_train_loader  # noqa: E402
 
 # --data-only defaults: the demo pictures under the full-size transform (256 px crops, flip, RandAugment)
@@ -154,6 +155,11 @@ def run_one(args) -> dict:
     queue = max(args.batch, cfg.queue_size // args.batch * args.batch)
     cfg.queue_size = queue
     model = ALBEF(cfg, build_bert_config(cfg)).to(device).train()
+    forward_kwargs = {"alpha": cfg.alpha}
+    if cfg.vilta.enabled:  # `--opts vilta.synth_negatives=true ...`: ViLTA's extra passes are part of the step
+        tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
+        model.vilta = ViLTA.build(cfg.vilta, tokenizer, model.bert_cfg, cfg.text_encoder).to(device)
+        forward_kwargs |= {"cross_weight": cfg.vilta.cross_weight} if cfg.vilta.cross else {}
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     batch = synthetic_batch(cfg, args.batch, device)
     if device.type == "cuda":
@@ -161,7 +167,7 @@ def run_one(args) -> dict:
 
     def step():
         with utils.autocast_context(args.amp, device):
-            out = model(**batch, alpha=cfg.alpha)
+            out = model(**batch, **forward_kwargs)
         sum(v for k, v in out.items() if k.startswith("loss")).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
