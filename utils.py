@@ -337,7 +337,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
         if p.requires_grad:
             (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
-    fast = {"fused": True} if all(p.is_cuda for p in decay + no_decay) else {"foreach": True}
+    fast = {"fused": True}  # one kernel per parameter group, on CUDA and CPU alike
     groups = [g for g in groups if g["params"]]
     if cfg.zero_redundancy and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
         logger.info("ZeroRedundancyOptimizer: AdamW state sharded over %d ranks", tdist.get_world_size())

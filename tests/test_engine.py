@@ -151,7 +151,26 @@ def test_optimizer_groups():
     by_wd = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
     assert by_wd[0.0] == {"fc1.bias", "fc2.bias", "norm.weight", "norm.bias"}
     assert by_wd[0.02] == {"fc1.weight", "fc2.weight", "temp"}  # ALBEF parity: 0-dim temp decayed
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+
+
+def test_fused_adamw_takes_the_steps_of_the_reference_adamw():
+    """build_optimizer's fused AdamW (CPU too: ~5 % faster full-size steps) updates like torch's loop."""
+    torch.manual_seed(0)
+    a, b = ToyModel(), ToyModel()
+    b.load_state_dict(a.state_dict())
+    fused = utils.build_optimizer(a, OptimizerConfig(lr=1e-2, weight_decay=0.02))
+    twin = {id(p): q for p, q in zip(a.parameters(), b.parameters())}
+    plain = torch.optim.AdamW([{"params": [twin[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                               for g in fused.param_groups], lr=1e-2, foreach=False)
+    for _ in range(3):
+        x, y = torch.randn(5, 4), torch.randn(5, 2)
+        for model, opt in ((a, fused), (b, plain)):
+            model(x, y)["loss_mse"].backward()
+            opt.step()
+            opt.zero_grad()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
 
 
 def test_lr_schedule():
