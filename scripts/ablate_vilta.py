@@ -132,8 +132,7 @@ def build_held_out(test_file: str, image_root: str, tokenizer, teacher: MLMTeach
     rng = random.Random(seed)
     texts, txt2img = dataset.texts, dataset.txt2img
     ids, mask = tokenize(tokenizer, texts, **TOKENIZER_SETTINGS["pretrain"])
-    vilta = ViLTA(ViLTAConfig(synth_negatives=True), ViLTA.build(ViLTAConfig(), tokenizer, teacher.model.config,
-                                                                None).vocab, teacher.model.config.mask_token_id)
+    vilta = ViLTA.build(ViLTAConfig(synth_negatives=True), tokenizer, teacher.model.config, text_encoder=None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         synth_ids, _ = vilta.synthesize(teacher.model, ids, mask)
@@ -230,11 +229,13 @@ def main(argv=None) -> list[dict]:
     with open(CONFIG) as f:
         config = yaml.safe_load(f)
     train = Annotations(config["train_file"])
-    captions = [pre_caption(c, config["max_words"]) for i in range(len(train))
-                for c in (lambda c: c if isinstance(c, list) else [c])(train.field(i, "caption"))]
+    captions = []
+    for i in range(len(train)):  # every training caption; an entry may hold a list
+        caption = train.field(i, "caption")
+        captions += [pre_caption(c, config["max_words"]) for c in (caption if isinstance(caption, list) else [caption])]
     steps_per_run = args.max_steps or args.epochs * (len(train) // config["batch_size"])
     teacher_dir = train_teacher(os.path.join(args.out, "teacher"), captions, tokenizer, args.teacher_steps)
-    teacher = MLMTeacher.from_pretrained(teacher_dir, 30522)
+    teacher = MLMTeacher.from_pretrained(teacher_dir, len(tokenizer))
     held = build_held_out(args.test_file, args.image_root, tokenizer, teacher)
     for original, synth, swapped in held["examples"]:
         logger.info("held-out negatives: %r | teacher: %r | swap: %r", original, synth, swapped)
