@@ -376,6 +376,8 @@ class ALBEF(ALBEFBase):
         drawn as each other's ITM negatives (the original only excludes the diagonal).
         With `self.vilta` set (models/vilta.py): "loss_mlm_cross" when `cross_weight` is given, and
         "loss_itm_synth", "itm_synth_acc", "synth_replaced" with synthesized negatives."""
+        if cross_weight is not None and (self.vilta is None or not self.vilta.cfg.cross):
+            raise ValueError("cross_weight needs a model with vilta.mlm_soft_target 'cross' or 'both'")
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)  # ALBEF parity: clamped in place at every forward
         out: dict[str, torch.Tensor] = {}
@@ -402,8 +404,6 @@ class ALBEF(ALBEFBase):
         image_kv = self.bert.image_kv(image_embeds)  # once for the ITM and MLM passes
         loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out,
                             synth_embeds, synth_valid, image_kv)
-        if cross_weight is not None and (self.vilta is None or not self.vilta.cfg.cross):
-            raise ValueError("cross_weight needs a model with vilta.mlm_soft_target 'cross' or 'both'")
         loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, out, full=return_outputs,
                             cross_weight=cross_weight, image_kv=image_kv)
 
