@@ -178,9 +178,7 @@ def main(argv=None) -> dict:
         logger.info("%d expressions of %d images, %d steps per epoch, %d ranks x batch %d", len(train_set),
                     len(train_set.img_ids), steps_per_epoch, dist.world_size, cfg.batch_size)
 
-        def alpha(epoch: int, i: int) -> dict:
-            warm = epoch == 0 and cfg.warm_up
-            return {"alpha": cfg.alpha * min(1.0, i / steps_per_epoch) if warm else cfg.alpha}
+        alpha = utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up)
 
         stats = utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
                           output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,

@@ -99,13 +99,9 @@ def main(argv=None) -> ALBEFNLVR:
 
     optimizer = utils.build_optimizer(model, cfg.optimizer)
 
-    def alpha(epoch: int, i: int) -> dict:
-        ramp = min(1.0, i / steps_per_epoch) if epoch == 0 and cfg.warm_up else 1.0
-        return {"alpha": cfg.alpha * ramp}
-
     utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
-              max_steps=args.max_steps, forward_kwargs=alpha, select="val_acc", tb=tb,
-              evaluate=lambda epoch: evaluate_splits(model, evals, collate, cfg, dist, epoch, tb))
+              max_steps=args.max_steps, forward_kwargs=utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up),
+              select="val_acc", tb=tb, evaluate=lambda epoch: evaluate_splits(model, evals, collate, cfg, dist, epoch, tb))
     if tb is not None:
         tb.close()
     utils.cleanup_distributed()

@@ -89,7 +89,7 @@ def main(argv=None) -> ALBEF:
 
     def alpha(epoch: int, i: int) -> dict:
         # ALBEF parity: alpha ramps up linearly over the first epoch; ViLTA's cross weight does the same
-        ramp = min(1.0, i / steps_per_epoch) if epoch == 0 else 1.0
+        ramp = utils.first_epoch_ramp(epoch, i, steps_per_epoch)
         return {"alpha": cfg.alpha * ramp} | ({"cross_weight": cfg.vilta.cross_weight * ramp} if cfg.vilta.cross else {})
 
     def evaluate(epoch: int) -> dict:

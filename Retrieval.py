@@ -149,9 +149,7 @@ def main(argv=None) -> dict:
         logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
     ddp_model = utils.wrap_ddp(model, dist, broadcast_buffers=False)  # queues are equal on every rank by design
 
-    def alpha(epoch: int, i: int) -> dict:
-        warm = epoch == 0 and cfg.warm_up
-        return {"alpha": cfg.alpha * min(1.0, i / steps_per_epoch) if warm else cfg.alpha}
+    alpha = utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up)
 
     def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
         state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)

@@ -116,11 +116,7 @@ def train(args, cfg: VQAConfig, model: VQAModel, tokenizer, dist) -> int:
                 dist.world_size, cfg.batch_size_train)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
 
-    def alpha(epoch: int, i: int) -> dict:
-        # ALBEF parity: with warm_up, alpha ramps up linearly over the first epoch
-        ramp = min(1.0, i / steps_per_epoch) if epoch == 0 and cfg.warm_up else 1.0
-        return {"alpha": cfg.alpha * ramp}
-
+    alpha = utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up)  # ALBEF parity: ramped over epoch 0
     tb = utils.build_tb_writer(args.output_dir)
     log = utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
                     max_steps=args.max_steps, forward_kwargs=alpha, keep_every_epoch=True, tb=tb)

@@ -564,6 +564,16 @@ def steps_per_epoch(loader: DataLoader, accum_steps: int) -> int:
     return (getattr(loader_position(loader), "num_batches", None) or len(loader)) // accum_steps
 
 
+def first_epoch_ramp(epoch: int, step_in_epoch: int, steps_per_epoch: int, warm_up: bool = True) -> float:
+    """0 -> 1 linearly over the first epoch, then 1 (ALBEF's warm-up of alpha); 1 throughout without `warm_up`."""
+    return min(1.0, step_in_epoch / steps_per_epoch) if epoch == 0 and warm_up else 1.0
+
+
+def alpha_schedule(alpha: float, steps_per_epoch: int, warm_up: bool = True) -> Callable[[int, int], dict]:
+    """`fit`'s `forward_kwargs` for the distillation weight: {"alpha": alpha * first_epoch_ramp(...)}."""
+    return lambda epoch, i: {"alpha": alpha * first_epoch_ramp(epoch, i, steps_per_epoch, warm_up)}
+
+
 def autocast_context(amp: str, device: torch.device):
     """bf16 autocast for "bf16", and for "auto" on CUDA; nothing for fp32."""
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):

@@ -63,7 +63,27 @@ def seeded(seed: int):
         torch.set_rng_state(saved[2])
 
 
-class ResumableBatchSampler(Sampler):
+class EpochPosition:
+    """Where a loader stands: `epoch`, and `start`, the first batch of this epoch still to come (mid-epoch
+    resume) out of `num_batches`. `train_one_epoch` sets both; `len()` counts the batches to come."""
+
+    epoch: int = 0
+    start: int = 0
+    num_batches: int
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, batch_index: int) -> None:
+        if not 0 <= batch_index <= self.num_batches:
+            raise ValueError(f"start batch {batch_index} outside an epoch of {self.num_batches} batches")
+        self.start = batch_index
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+
+class ResumableBatchSampler(EpochPosition, Sampler):
     """Per-rank batches of `(epoch, index)` keys.
 
     The order is a permutation seeded by (seed, epoch), split across ranks like `DistributedSampler`
@@ -79,17 +99,6 @@ class ResumableBatchSampler(Sampler):
         div = (lambda a, b: a // b) if drop_last else (lambda a, b: -(-a // b))
         self.per_rank = div(num_samples, world_size)
         self.num_batches = div(self.per_rank, batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_start(self, batch_index: int) -> None:
-        if not 0 <= batch_index <= self.num_batches:
-            raise ValueError(f"start batch {batch_index} outside an epoch of {self.num_batches} batches")
-        self.start = batch_index
-
-    def __len__(self) -> int:
-        return self.num_batches - self.start
 
     def rank_indices(self) -> list[int]:
         n, total = self.num_samples, self.per_rank * self.world_size
@@ -150,7 +159,7 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last:
                       generator=torch.Generator().manual_seed(seed))  # the workers' base seed: not the global RNG
 
 
-class ResumableStream(IterableDataset):
+class ResumableStream(EpochPosition, IterableDataset):
     """Per-rank batches read from shards, the streaming counterpart of ResumableBatchSampler +
     SeededDataset, driven by `train_one_epoch` through the same set_epoch / set_start / num_batches.
     `source` has `urls`, `samples(urls, rng)` (raw samples in read order through a shuffle buffer) and
@@ -182,17 +191,6 @@ class ResumableStream(IterableDataset):
                              f"on {world_size} ranks")
         self.source, self.batch_size, self.rank, self.world_size = source, batch_size, rank, world_size
         self.collate, self.seed, self.epoch, self.start = SeededCollate(collate_fn, seed), seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_start(self, batch_index: int) -> None:
-        if not 0 <= batch_index <= self.num_batches:
-            raise ValueError(f"start batch {batch_index} outside an epoch of {self.num_batches} batches")
-        self.start = batch_index
-
-    def __len__(self) -> int:
-        return self.num_batches - self.start
 
     def epoch_shards(self) -> list[str]:
         g = torch.Generator().manual_seed(mix_seed(self.seed, "shards", self.epoch))
