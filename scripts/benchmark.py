@@ -149,6 +149,8 @@ def count_flops(step) -> tuple[int, dict[str, int]]:
 def run_one(args) -> dict:
     cfg, _ = utils.load_config(args.config, list(args.opts), PretrainConfig)
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.glibc_trim:
+        utils.keep_freed_memory()  # as the task scripts do on CPU (utils.init_distributed)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -179,17 +181,20 @@ def run_one(args) -> dict:
     for _ in range(args.warmup):
         step()
     sync()
-    t0 = time.perf_counter()
+    usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(args.steps):
         step()
     sync()
     elapsed = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {"config": os.path.basename(args.config), "device": device.type, "amp": args.amp, "batch": args.batch,
               "threads": torch.get_num_threads() if device.type == "cpu" else None,
               "step_s": elapsed / args.steps, "samples_per_s": args.batch * args.steps / elapsed,
               "peak_mem_gib": peak / 2**30,
+              "page_faults_per_step": (usage.ru_minflt - usage0.ru_minflt) / args.steps,
+              "kernel_s_per_step": (usage.ru_stime - usage0.ru_stime) / args.steps,
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     if args.profile:
         instrument(model)
@@ -217,6 +222,8 @@ def run_one(args) -> dict:
 def print_report(r: dict) -> None:
     print(f"{r['config']} {r['device']} {r['amp']} batch {r['batch']}: {r['samples_per_s']:.3f} samples/s, "
           f"step {r['step_s']:.3f} s, peak memory {r['peak_mem_gib']:.2f} GiB")
+    if r["device"] == "cpu":
+        print(f"kernel (system) time {r['kernel_s_per_step']:.3f} s/step, {r['page_faults_per_step']:.0f} page faults/step")
     if "parts_ms" in r:
         total = sum(p["forward"] + p["backward"] for p in r["parts_ms"].values())
         print(f"{'part (profiled step)':<22}{'forward ms':>12}{'backward ms':>13}{'share':>8}")
@@ -278,6 +285,7 @@ def main(argv=None) -> None:
     p.add_argument("--flops", action="store_true", help="count one extra step's FLOPs; MFU with a peak")
     p.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s in the step's dtype, for MFU")
     p.add_argument("--measure_peak", action="store_true", help="peak = a timed large matmul (implies --flops)")
+    p.add_argument("--glibc_trim", action="store_true", help="CPU: leave malloc's defaults (see utils.keep_freed_memory)")
     p.add_argument("--data-only", action="store_true", help="time the training loader alone (JSON and shards)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--data-only: DataLoader workers")
     p.add_argument("--shards", help="--data-only: shard pattern (default: the train_file written as shards)")
@@ -306,7 +314,7 @@ def main(argv=None) -> None:
         for amp in ("fp32", "bf16"):
             cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch", str(args.batch),
                    "--device", device, "--amp", amp, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--threads", str(args.threads), "--json", "--opts", *args.opts]
+                   "--threads", str(args.threads), "--json", *["--glibc_trim"] * args.glibc_trim, "--opts", *args.opts]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 print(res.stderr[-2000:], file=sys.stderr)
