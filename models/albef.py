@@ -245,43 +245,76 @@ class ALBEFBase(nn.Module):
         """One hard negative per row: an image for every text, then a text for every image."""
         return torch.multinomial(weights_t2i, 1).squeeze(1), torch.multinomial(weights_i2t, 1).squeeze(1)
 
-    def itm(self, image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict,
-            synth_embeds: torch.Tensor | None = None, synth_valid: torch.Tensor | None = None,
-            image_kv: list[KV] | None = None):
-        """Image-text matching on B positives and 2B hard negatives in one batched fusion pass.
-
-        The rows read only the B images: their cross-attention keys and values (`image_kv`, computed
-        here if not given) are projected once and indexed per row, not projected 3B (4B) times.
+    def itm_rows(self, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict,
+                 synth_embeds: torch.Tensor | None = None):
+        """The ITM pass's rows: (text states [R, L, H], their masks [R, L], the image of each row [R]),
+        R = 3B: B positives and 2B hard negatives drawn from the in-batch similarities.
 
         ALBEF parity: rows are [positives; (text b, negative image); (negative text, image b)] and the
         negative text keeps its own padding mask; labels are 1 for the first B rows.
         ViLTA: `synth_embeds` (text states of synthesized captions) adds B rows (synthesized caption b,
-        image b) to the same pass, scored as negatives into `out["loss_itm_synth"]` where `synth_valid`.
+        image b), scored as negatives by `itm_loss`.
         """
-        B = image_embeds.shape[0]
+        B = text_embeds.shape[0]
         with torch.no_grad():
             weights_i2t = negative_weights(sim_i2t[:, :B], same)
             weights_t2i = negative_weights(sim_t2i[:, :B], same)
         neg_image, neg_text = self.sample_negatives(weights_t2i, weights_i2t)
+        out.update(itm_weights_i2t=weights_i2t, itm_weights_t2i=weights_t2i)
+        rows = torch.arange(B, device=text_embeds.device)
         text_all = [text_embeds, text_embeds, text_embeds[neg_text]]
         mask_all = [attention_mask, attention_mask, attention_mask[neg_text]]
-        rows = torch.arange(B, device=image_embeds.device)
         image_all = [rows, neg_image, rows]
         if synth_embeds is not None:
             text_all, mask_all, image_all = text_all + [synth_embeds], mask_all + [attention_mask], image_all + [rows]
-        image_kv = self.bert.image_kv(image_embeds) if image_kv is None else image_kv
-        fused = self.bert.fuse(torch.cat(text_all), torch.cat(mask_all),
-                               image_kv=select_image_kv(image_kv, torch.cat(image_all)))
-        logits = self.itm_head(fused[:, 0])
-        if synth_embeds is not None:
+        return torch.cat(text_all), torch.cat(mask_all), torch.cat(image_all)
+
+    def itm_loss(self, cls_states: torch.Tensor, out: dict, synth_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of `itm_head` on the fused [CLS] states of `itm_rows` (first B rows positive);
+        ViLTA's synthesized rows go to `out["loss_itm_synth"]` where `synth_valid`."""
+        logits = self.itm_head(cls_states)
+        B = logits.shape[0] // (3 if synth_valid is None else 4)
+        if synth_valid is not None:
             logits, synth_logits = logits[: 3 * B], logits[3 * B :]
             ce = F.cross_entropy(synth_logits, torch.zeros(B, dtype=torch.long, device=logits.device), reduction="none")
             out["loss_itm_synth"] = (ce * synth_valid).sum() / synth_valid.sum().clamp(min=1)
             out["itm_synth_acc"] = ((synth_logits.argmax(1) == 0).float() * synth_valid).sum() / synth_valid.sum().clamp(min=1)
         labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(logits.device)
-        out.update(itm_weights_i2t=weights_i2t, itm_weights_t2i=weights_t2i, fusion_pos_hidden=fused[:B],
-                   fusion_neg_hidden=fused[B:], itm_logits=logits, itm_labels=labels)
+        out.update(itm_logits=logits, itm_labels=labels)
         return F.cross_entropy(logits, labels)
+
+    def itm(self, image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict,
+            full: bool = False) -> torch.Tensor:
+        """Image-text matching on B positives and 2B hard negatives (`itm_rows`) in one fusion pass.
+
+        The rows read only the B images: their cross-attention keys and values are projected once and
+        indexed per row, not projected 3B times. Only [CLS] is scored, so the last layer computes only
+        it (`BertModel.run_layers`' cls_only) unless `full` hidden states are asked for (`out`).
+        """
+        B = image_embeds.shape[0]
+        text, mask, images = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
+        image_kv = select_image_kv(self.bert.image_kv(image_embeds), images)
+        if full:
+            fused = self.bert.fuse(text, mask, image_kv=image_kv)
+            out.update(fusion_pos_hidden=fused[:B], fusion_neg_hidden=fused[B:])
+            return self.itm_loss(fused[:, 0], out)
+        cls_states, _ = self.bert.fuse(text, mask, image_kv=image_kv, cls_only=text.shape[0])
+        return self.itm_loss(cls_states, out)
+
+    @torch.no_grad()
+    def queues_for_matmul(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of (image_queue, text_queue) for the ITC matmuls: backward reads them after the queues
+        are updated in place. Under autocast the copy is the cast, made once here where each of the four
+        similarity matmuls would cast all 65536 columns again."""
+        device = self.image_queue.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.image_queue.dtype
+        return self.image_queue.to(dtype, copy=True), self.text_queue.to(dtype, copy=True)
+
+
+def queue_similarities(feat: torch.Tensor, feat_m: torch.Tensor, queue: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """[B, B + Q] = feat @ concat(feat_m.T, queue) / temp (ALBEF's layout: this batch's momentum features,
+    then the queue), without copying the queue into a concatenation."""
+    return torch.cat([feat @ feat_m.T, feat @ queue], dim=1) / temp
 
 
 # ---------------------------------------------------------------------------------- pretraining model
@@ -312,17 +345,16 @@ class ALBEF(ALBEFBase):
 
         ALBEF parity: similarities use the queue as it was BEFORE this step (it is updated afterwards).
         """
+        image_queue, text_queue = self.queues_for_matmul()
         with torch.no_grad():
-            text_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
-            image_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
-            sim_i2t_m = image_feat_m @ text_all / self.temp
-            sim_t2i_m = text_feat_m @ image_all / self.temp
+            sim_i2t_m = queue_similarities(image_feat_m, text_feat_m, text_queue, self.temp)
+            sim_t2i_m = queue_similarities(text_feat_m, image_feat_m, image_queue, self.temp)
             targets = torch.zeros_like(sim_i2t_m)
             targets.fill_diagonal_(1)
             sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * targets
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets
-        sim_i2t = image_feat @ text_all / self.temp
-        sim_t2i = text_feat @ image_all / self.temp
+        sim_i2t = queue_similarities(image_feat, text_feat_m, text_queue, self.temp)
+        sim_t2i = queue_similarities(text_feat, image_feat_m, image_queue, self.temp)
         loss_i2t = soft_cross_entropy(sim_i2t, sim_i2t_targets)
         loss_t2i = soft_cross_entropy(sim_t2i, sim_t2i_targets)
         out.update(sim_i2t=sim_i2t, sim_t2i=sim_t2i, sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m,
@@ -330,9 +362,10 @@ class ALBEF(ALBEFBase):
                    loss_t2i=loss_t2i)
         return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
-    def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha: float, out: dict, full=False,
-            cross_weight: float | None = None, image_kv: list[KV] | None = None):
-        """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions.
+    def mlm_loss(self, hidden, hidden_m, masked_ids, labels, attention_mask, alpha: float, out: dict, full=False,
+                 cross_weight: float | None = None):
+        """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions,
+        from the last hidden states [B, L, H] of the student and momentum passes over the masked ids.
 
         ALBEF parity: the logits come from a separate full pass over the masked ids (not from the ITM
         fusion pass), and the soft targets from the momentum encoder with the momentum image states.
@@ -341,12 +374,7 @@ class ALBEF(ALBEFBase):
         ViLTA cross-distillation (`cross_weight` w given): the target becomes (1 - w) * base + w * teacher
         (`models.vilta.mixed_mlm_targets`), base = one-hot ("cross") or ALBEF's mix ("both"); the loss,
         linear in the target, is returned as (1 - w) * base loss plus `out["loss_mlm_cross"]` = w * teacher KD.
-        `image_kv`: the student's projected image keys/values (`BertModel.image_kv`), shared with ITM.
         """
-        masked_ids, labels = self.mask_tokens(input_ids)
-        with torch.no_grad():
-            hidden_m = self.text_encoder_m.bert(masked_ids, attention_mask, image_embeds_m)
-        hidden = self.text_encoder.bert(masked_ids, attention_mask, image_embeds, image_kv=image_kv)
         targets = labels
         if not full:
             selected = labels != -100
@@ -375,37 +403,64 @@ class ALBEF(ALBEFBase):
         intermediate tensor too. `image_ids` [B], when given, keeps captions of the same image from being
         drawn as each other's ITM negatives (the original only excludes the diagonal).
         With `self.vilta` set (models/vilta.py): "loss_mlm_cross" when `cross_weight` is given, and
-        "loss_itm_synth", "itm_synth_acc", "synth_replaced" with synthesized negatives."""
+        "loss_itm_synth", "itm_synth_acc", "synth_replaced" with synthesized negatives.
+
+        The original's passes, batched where they run the same layers (the same function, fewer and
+        larger matmuls): one student text pass over the captions, their masked copies (MLM) and ViLTA's
+        synthesized captions; one momentum text pass over the captions and masked copies; one student
+        fusion pass over the ITM rows and the MLM rows, which read the B images' keys and values
+        projected once. The ITM rows' last fusion layer computes [CLS] only.
+        """
         if cross_weight is not None and (self.vilta is None or not self.vilta.cfg.cross):
             raise ValueError("cross_weight needs a model with vilta.mlm_soft_target 'cross' or 'both'")
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)  # ALBEF parity: clamped in place at every forward
         out: dict[str, torch.Tensor] = {}
+        B = image.shape[0]
+        masked_ids, labels = self.mask_tokens(input_ids)
+        texts = [input_ids, masked_ids]
+        synth_valid = None
+        if self.vilta is not None and self.vilta.cfg.synth_negatives:
+            synth_ids, replaced = self.vilta.synthesize(self.text_encoder, input_ids, attention_mask)
+            synth_valid = replaced.any(1).float()  # a caption with no word to replace is no negative
+            texts.append(synth_ids)
+            out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum())
+
         image_embeds, image_feat = self.encode_image(image)
-        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        text_states = self.bert(torch.cat(texts), attention_mask.repeat(len(texts), 1), mode="text")
+        text_embeds, mlm_text = text_states[:B], text_states[B : 2 * B]
+        synth_embeds = text_states[2 * B :] if synth_valid is not None else None
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
         with torch.no_grad():
             self.momentum_update(self.cfg.momentum)  # ALBEF parity: before any momentum feature
             image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
-            text_embeds_m, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
+            bert_m = self.text_encoder_m.bert
+            text_states_m = bert_m(torch.cat(texts[:2]), attention_mask.repeat(2, 1), mode="text")
+            text_embeds_m = text_states_m[:B]
+            text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]), dim=-1)
+            hidden_m = bert_m.fuse(text_states_m[B:], attention_mask, image_embeds_m)
 
         loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, out)
         self.dequeue_and_enqueue(image_feat_m, text_feat_m)
 
-        B = image.shape[0]
         same = torch.eye(B, dtype=torch.bool, device=image.device)
         if image_ids is not None:
             same = same | (image_ids[:, None] == image_ids[None, :])
-        synth_embeds = synth_valid = None
-        if self.vilta is not None and self.vilta.cfg.synth_negatives:
-            synth_ids, replaced = self.vilta.synthesize(self.text_encoder, input_ids, attention_mask)
-            synth_valid = replaced.any(1).float()  # a caption with no word to replace is no negative
-            synth_embeds = self.bert(synth_ids, attention_mask, mode="text")
-            out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum())
-        image_kv = self.bert.image_kv(image_embeds)  # once for the ITM and MLM passes
-        loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out,
-                            synth_embeds, synth_valid, image_kv)
-        loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, out, full=return_outputs,
-                            cross_weight=cross_weight, image_kv=image_kv)
+        itm_text, itm_mask, itm_images = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out,
+                                                       synth_embeds)
+        R = itm_text.shape[0]
+        rows = torch.arange(B, device=image.device)
+        image_kv = select_image_kv(self.bert.image_kv(image_embeds), torch.cat([itm_images, rows]))
+        fused = self.bert.fuse(torch.cat([itm_text, mlm_text]), torch.cat([itm_mask, attention_mask]),
+                               image_kv=image_kv, cls_only=0 if return_outputs else R)
+        if return_outputs:
+            out.update(fusion_pos_hidden=fused[:B], fusion_neg_hidden=fused[B : 3 * B])
+            itm_cls, hidden = fused[:R, 0], fused[R:]
+        else:
+            itm_cls, hidden = fused
+        loss_itm = self.itm_loss(itm_cls, out, synth_valid)
+        loss_mlm = self.mlm_loss(hidden, hidden_m, masked_ids, labels, attention_mask, alpha, out,
+                                 full=return_outputs, cross_weight=cross_weight)
 
         losses = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm, "temp": self.temp.detach()}
         if self.vilta is not None:

@@ -4,7 +4,7 @@ Module and parameter names follow the original `xbert.py` (itself Hugging Face's
 checkpoints load with `strict=True` and no key remapping: `embeddings.*`, `encoder.layer.{i}.attention.self.query`,
 `...crossattention...`, `cls.predictions.*`. Layers `0..fusion_layer-1` are self-attention only (the text
 encoder); layers `fusion_layer..` also cross-attend to the image (the fusion encoder). Attention runs on
-`F.scaled_dot_product_attention`; masks are boolean (True = may attend). ALBEF adds -10000 to padded
+`models.attention.attention` (SDPA on CUDA); masks are boolean (True = may attend). ALBEF adds -10000 to padded
 scores; exp(-10000) underflows to exactly 0 in fp32, so a boolean mask computes the same function.
 `TwoImageBertModel` is NLVR's variant: one text, two images, each fusion layer doubled.
 """
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from models.attention import attention
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ class BertSelfAttention(nn.Module):
             self.attention_map = scores.softmax(dim=-1)
             out = F.dropout(self.attention_map, dropout_p, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            out = attention(q, k, v, mask, dropout_p)
         B, H, L, Dh = out.shape
         return out.transpose(1, 2).reshape(B, L, H * Dh)
 
@@ -173,10 +175,12 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertSelfOutput(cfg, cfg.intermediate_size)
 
-    def forward(self, x, mask, image_embeds=None, image_mask=None, image_kv: KV | None = None) -> torch.Tensor:
+    def forward(self, x, mask, image_embeds=None, image_mask=None, image_kv: KV | None = None,
+                queries: int | None = None) -> torch.Tensor:
         """Without `image_embeds` or `image_kv` (this layer's projected keys, values) a fusion layer skips
-        its cross-attention (BertModel's "language" mode)."""
-        x = self.attention(x, x, mask)
+        its cross-attention (BertModel's "language" mode). `queries` = n: only the first n positions'
+        outputs [B, n, H] (self-attention still reads every position)."""
+        x = self.attention(x if queries is None else x[:, :queries], x, mask)
         if self.crossattention is not None and (image_embeds is not None or image_kv is not None):
             x = self.crossattention(x, image_embeds, image_mask, image_kv)
         return self.output(self.intermediate(x), x)
@@ -221,19 +225,35 @@ class BertModel(nn.Module):
         self.grad_checkpointing = False
 
     def run_layers(self, x, attention_mask, layers, image_embeds=None, image_mask=None, causal=False,
-                   image_kv: list[KV] | None = None):
-        """`image_kv`, if given, holds one entry per layer of `layers` that has cross-attention, in order."""
+                   image_kv: list[KV] | None = None, cls_only: int = 0):
+        """`image_kv`, if given, holds one entry per layer of `layers` that has cross-attention, in order.
+
+        `cls_only` = n > 0: the caller reads only the [CLS] state of the first n rows (ITM), so the last
+        layer computes those rows for their first position alone; returns ([CLS] [n, hidden], the other
+        rows [R - n, L, hidden]). Same values: a post-norm layer's output at a position depends on the
+        other positions only through its self-attention keys and values, which still read them all."""
+        if cls_only and causal:
+            raise ValueError("cls_only is for the bidirectional fusion layers")
         mask = self_attention_mask(attention_mask, causal)
         if image_mask is not None:
             image_mask = image_mask.bool()[:, None, None, :]
         kv = iter(image_kv or ())
-        for layer in layers:
+        for i, layer in enumerate(layers):
             layer_kv = next(kv) if image_kv is not None and layer.crossattention is not None else None
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, mask, image_embeds, image_mask, layer_kv, use_reentrant=False)
-            else:
-                x = layer(x, mask, image_embeds, image_mask, layer_kv)
+            if cls_only and i == len(layers) - 1:
+                n = cls_only
+                head = self._layer(layer, x[:n], mask[:n], _rows(image_embeds, 0, n), _rows(image_mask, 0, n),
+                                   _rows(layer_kv, 0, n), queries=1)
+                tail = self._layer(layer, x[n:], mask[n:], _rows(image_embeds, n, None), _rows(image_mask, n, None),
+                                   _rows(layer_kv, n, None))
+                return head[:, 0], tail
+            x = self._layer(layer, x, mask, image_embeds, image_mask, layer_kv)
         return x
+
+    def _layer(self, layer, x, mask, image_embeds, image_mask, layer_kv, queries=None):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, x, mask, image_embeds, image_mask, layer_kv, queries, use_reentrant=False)
+        return layer(x, mask, image_embeds, image_mask, layer_kv, queries)
 
     def image_kv(self, image_embeds: torch.Tensor) -> list[KV]:
         """Cross-attention (keys, values) [B, N, hidden] of every fusion layer for image tokens [B, N, W]."""
@@ -263,11 +283,20 @@ class BertModel(nn.Module):
         return self.run_layers(x, attention_mask, layers, image_embeds, image_mask, causal, image_kv)
 
     def fuse(self, text_embeds, attention_mask, image_embeds=None, image_mask=None,
-             image_kv: list[KV] | None = None) -> torch.Tensor:
+             image_kv: list[KV] | None = None, cls_only: int = 0):
         """Fusion layers F..L-1 applied to text-mode states [B, L, hidden]; the image as `image_embeds`
-        or as its projected `image_kv`."""
+        or as its projected `image_kv`. `cls_only` = n: ([CLS] of the first n rows, the other rows), see
+        `run_layers`."""
         layers = self.encoder.layer[self.config.fusion_layer :]
-        return self.run_layers(text_embeds, attention_mask, layers, image_embeds, image_mask, image_kv=image_kv)
+        return self.run_layers(text_embeds, attention_mask, layers, image_embeds, image_mask, image_kv=image_kv,
+                               cls_only=cls_only)
+
+
+def _rows(t: torch.Tensor | KV | None, start: int, stop: int | None):
+    """Rows start:stop of a tensor or of both tensors of a (keys, values) pair; None stays None."""
+    if t is None:
+        return None
+    return (t[0][start:stop], t[1][start:stop]) if isinstance(t, tuple) else t[start:stop]
 
 
 def select_image_kv(image_kv: list[KV], rows: torch.Tensor) -> list[KV]:

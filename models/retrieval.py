@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.albef import ALBEFBase, ALBEFConfig, adapt_pos_embed, soft_cross_entropy
+from models.albef import ALBEFBase, ALBEFConfig, adapt_pos_embed, queue_similarities, soft_cross_entropy
 from models.bert import KV, BertConfig, self_attention_mask
 
 logger = logging.getLogger(__name__)
@@ -56,17 +56,16 @@ class ALBEFRetrieval(ALBEFBase):
             idx_all = torch.cat([idx, self.idx_queue[0]])
             pos = (idx[:, None] == idx_all[None, :]).float()
             sim_targets = pos / pos.sum(1, keepdim=True)
-            text_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
-            image_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
+            image_queue, text_queue = self.queues_for_matmul()
             targets_i2t = targets_t2i = sim_targets
             if self.distill:
-                sim_i2t_m = image_feat_m @ text_all / self.temp
-                sim_t2i_m = text_feat_m @ image_all / self.temp
+                sim_i2t_m = queue_similarities(image_feat_m, text_feat_m, text_queue, self.temp)
+                sim_t2i_m = queue_similarities(text_feat_m, image_feat_m, image_queue, self.temp)
                 targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
                 targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
                 out.update(sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m)
-        sim_i2t = image_feat @ text_all / self.temp
-        sim_t2i = text_feat @ image_all / self.temp
+        sim_i2t = queue_similarities(image_feat, text_feat_m, text_queue, self.temp)
+        sim_t2i = queue_similarities(text_feat, image_feat_m, image_queue, self.temp)
         loss_i2t = soft_cross_entropy(sim_i2t, targets_i2t)
         loss_t2i = soft_cross_entropy(sim_t2i, targets_t2i)
         out.update(sim_targets=sim_targets, sim_i2t=sim_i2t, sim_t2i=sim_t2i, sim_i2t_targets=targets_i2t,
@@ -89,7 +88,7 @@ class ALBEFRetrieval(ALBEFBase):
         # ALBEF parity: every pair of the same image is excluded from the negatives (the original adds
         # 1e-4 to the similarities before the softmax, which changes nothing).
         same = idx[:, None] == idx[None, :]
-        loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
+        loss_itm = self.itm(image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out, full=return_outputs)
 
         losses = {"loss_ita": loss_ita, "loss_itm": loss_itm, "temp": self.temp.detach()}
         if return_outputs:

@@ -17,6 +17,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from models.attention import ViTAttention
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,6 +37,7 @@ def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: in
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         num_classes=0,
         global_pool="",
+        attn_layer=ViTAttention,
     )
 
 

@@ -6,8 +6,9 @@ with --data-only, the pretraining loader alone (JSON list and shards, the config
     python scripts/benchmark.py --data-only --config configs/Pretrain.yaml --batch 32 --workers 0 1 2
     python scripts/benchmark.py --batch 4 --device cpu --threads 2 --profile --flops --measure_peak
 
---profile splits one step's time by part (forward and backward each: vision, text, image K/V, ITC,
-fusion/ITM, MLM, momentum = EMA update + momentum encoders, optimizer, other); backward time goes to
+--profile splits one step's time by part (forward and backward each: vision, text (captions and their
+masked copies), image K/V, ITC, fusion (ITM + MLM rows in one pass), MLM head, momentum = EMA update +
+momentum encoders, optimizer, other); backward time goes to
 the part whose forward op made the autograd node. Data loading is not part of these steps (synthetic
 batches): time it with --data-only. --flops counts one step's forward+backward FLOPs with
 torch.utils.flop_counter; MFU = FLOPs per step / step time / peak, the peak from --peak_tflops or
@@ -69,14 +70,15 @@ def instrument(model) -> None:
                 return fn(*a, **kw)
         setattr(obj, method, ranged)
 
-    for method, own in (("encode_image", "vision"), ("encode_text", "text")):
-        wrap(model, method, lambda kw, own=own: "momentum" if kw.get("momentum") else own)
-    for method, part in (("momentum_update", "momentum"), ("itc", "ITC"), ("itm", "fusion/ITM"), ("mlm", "MLM")):
-        wrap(model, method, part)
-    wrap(model.text_encoder_m.bert, "forward", "momentum")  # the momentum MLM pass, inside `mlm`
-    wrap(model.text_encoder_m.cls, "forward", "momentum")
-    if hasattr(model.bert, "image_kv"):
-        wrap(model.bert, "image_kv", "image K/V")
+    wrap(model, "encode_image", lambda kw: "momentum" if kw.get("momentum") else "vision")
+    for obj, method, part in ((model, "momentum_update", "momentum"), (model, "itc", "ITC"),
+                              (model, "itm_rows", "fusion (ITM + MLM)"), (model, "itm_loss", "fusion (ITM + MLM)"),
+                              (model, "mlm_loss", "MLM head"), (model.bert, "forward", "text"),
+                              (model.bert, "fuse", "fusion (ITM + MLM)"), (model.bert, "image_kv", "image K/V"),
+                              (model.text_encoder_m.bert, "forward", "momentum"),
+                              (model.text_encoder_m.bert, "fuse", "momentum"),
+                              (model.text_encoder_m.cls, "forward", "momentum")):
+        wrap(obj, method, part)
 
 
 def split_by_part(prof, cuda: bool) -> dict[str, dict[str, float]]:

@@ -93,7 +93,7 @@ def test_time_split_by_part_covers_the_steps():
         sum(v for k, v in out.items() if k.startswith("loss")).backward()
         optimizer.step()
     parts = split_by_part(prof, cuda=False)
-    for part in ("vision", "text", "image K/V", "fusion/ITM", "MLM"):
+    for part in ("vision", "text", "image K/V", "fusion (ITM + MLM)", "MLM head"):
         assert parts[part]["forward"] > 0 and parts[part]["backward"] > 0, part
     assert parts["momentum"]["forward"] > 0 and parts["momentum"]["backward"] == 0
 
@@ -146,3 +146,72 @@ def test_keep_freed_memory_stops_page_faults_on_large_reallocations():
     pages = 32768 * 768 * 4 / 4096  # 24576
     assert _page_faults_of_reallocation(keep=False) > 0.9 * pages  # glibc's default: mmap, unmap, fault again
     assert _page_faults_of_reallocation(keep=True) < 0.05 * pages
+
+
+def test_explicit_cpu_attention_equals_sdpa():
+    """The bf16 CPU path (two matmuls and a softmax) against fp32 SDPA, with a padding mask."""
+    from models.attention import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    explicit = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert explicit.dtype == torch.bfloat16
+    torch.testing.assert_close(explicit.float(), reference, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(attention(q, k, v, mask), reference)  # fp32: SDPA itself
+    # dropout: every output is a sum of kept, rescaled probabilities times v; all-ones v shows them
+    torch.manual_seed(1)
+    kept = attention(q, k, torch.ones_like(v), mask, dropout_p=0.5)
+    assert not torch.allclose(kept, torch.ones_like(kept)) and (kept >= 0).all() and (kept <= 2).all()
+
+
+def test_vit_attention_equals_timm_attention():
+    from timm.layers import Attention
+
+    from models.attention import ViTAttention
+
+    torch.manual_seed(0)
+    ours, timm_attention = ViTAttention(16, num_heads=2, qkv_bias=True), Attention(16, num_heads=2, qkv_bias=True)
+    ours.load_state_dict(timm_attention.state_dict())
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(ours(x), timm_attention(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ours(x).float(), timm_attention(x).float(), rtol=0.02, atol=0.02)
+
+
+def test_cls_only_last_layer_equals_the_full_pass():
+    """`fuse(cls_only=n)`: [CLS] of the first n rows and the other rows whole, values and gradients as
+    the full pass."""
+    torch.manual_seed(0)
+    bert = BertModel(TINY_BERT).eval()
+    image = torch.randn(3, 5, TINY_BERT.encoder_width, requires_grad=True)
+    text = torch.randn(5, 4, TINY_BERT.hidden_size, requires_grad=True)
+    mask = torch.ones(5, 4, dtype=torch.long)
+    mask[1, 2:] = 0
+    kv = select_image_kv(bert.image_kv(image), torch.tensor([0, 1, 2, 2, 0]))
+    full = bert.fuse(text, mask, image_kv=kv)
+    cls, rest = bert.fuse(text, mask, image_kv=kv, cls_only=3)
+    torch.testing.assert_close(cls, full[:3, 0])
+    torch.testing.assert_close(rest, full[3:])
+    weights = torch.randn(3, TINY_BERT.hidden_size)
+    grads_full = torch.autograd.grad((full[:3, 0] * weights).sum() + full[3:].sum(), [image, text])
+    kv = select_image_kv(bert.image_kv(image), torch.tensor([0, 1, 2, 2, 0]))
+    cls, rest = bert.fuse(text, mask, image_kv=kv, cls_only=3)
+    for a, b in zip(torch.autograd.grad((cls * weights).sum() + rest.sum(), [image, text]), grads_full):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_path_gives_the_losses_of_the_full_outputs_path():
+    """The step's fast path (batched passes, [CLS]-only ITM layer, vocabulary head at masked positions)
+    against `return_outputs`, the path the parity tests hold to the original: same draws, same losses."""
+    model = build().eval()  # no dropout: the two paths draw the same masks and negatives from one seed
+    batch = tiny_batch()
+    losses = {}
+    for full in (False, True):
+        torch.manual_seed(1)
+        out = model(*batch, alpha=0.4, return_outputs=full)
+        losses[full] = torch.stack([out[k] for k in ("loss_ita", "loss_itm", "loss_mlm")])
+        model.load_state_dict(build().state_dict())  # undo the momentum update and the queue write
+    torch.testing.assert_close(losses[False], losses[True], rtol=1e-6, atol=1e-6)
