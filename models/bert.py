@@ -301,7 +301,7 @@ def _rows(t: torch.Tensor | KV | None, start: int, stop: int | None):
 
 def select_image_kv(image_kv: list[KV], rows: torch.Tensor) -> list[KV]:
     """`BertModel.image_kv` of B images -> the same for rows `rows` [R] of them (gradients flow back)."""
-    return [(k[rows], v[rows]) for k, v in image_kv]
+    return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in image_kv]  # backward: index_add, not index_put
 
 
 class TwoImageBertModel(BertModel):

@@ -13,13 +13,30 @@ import os
 from functools import partial
 
 import torch
-from timm.layers import resample_abs_pos_embed
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.attention import ViTAttention
 
 logger = logging.getLogger(__name__)
+
+
+class LinearPatchEmbed(PatchEmbed):
+    """timm's patch embedding as one matmul over the flattened patches: the conv's stride equals its
+    kernel, so this is the same function with the same `proj` weights. On CPU the conv's backward took
+    ~6x the matmul's (docs/performance.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        (ph, pw), size = self.patch_size, self.img_size
+        if self.dynamic_img_pad or not self.flatten or H % ph or W % pw:
+            return super().forward(x)
+        if size is not None and self.strict_img_size and (H, W) != tuple(size):
+            raise ValueError(f"image of {H}x{W} px, the ViT was built for {size[0]}x{size[1]} (image_res)")
+        patches = x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * ph * pw)
+        return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
 
 
 def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: int) -> VisionTransformer:
@@ -38,6 +55,7 @@ def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: in
         num_classes=0,
         global_pool="",
         attn_layer=ViTAttention,
+        embed_layer=LinearPatchEmbed,
     )
 
 
