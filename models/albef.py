@@ -362,6 +362,38 @@ class ALBEF(ALBEFBase):
                    loss_t2i=loss_t2i)
         return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
+    def text_passes(self, texts: list[torch.Tensor], attention_mask: torch.Tensor, momentum: bool = False):
+        """Text-mode states [B, L, H] of each id tensor in `texts` (all [B, L], sharing `attention_mask`),
+        computed in one batched pass of the student (or momentum) text layers."""
+        bert = self.text_encoder_m.bert if momentum else self.bert
+        states = bert(torch.cat(texts), attention_mask.repeat(len(texts), 1), mode="text")
+        return states.split(attention_mask.shape[0])
+
+    def synthesize_negatives(self, input_ids, attention_mask, out: dict):
+        """ViLTA's synthesized captions and which of them are negatives (a caption with no word to
+        replace is none), or (None, None) without ViLTA's synth_negatives."""
+        if self.vilta is None or not self.vilta.cfg.synth_negatives:
+            return None, None
+        synth_ids, replaced = self.vilta.synthesize(self.text_encoder, input_ids, attention_mask)
+        out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum())
+        return synth_ids, replaced.any(1).float()
+
+    def fuse_itm_and_mlm(self, image_embeds, itm_rows, mlm_text, attention_mask, out: dict, full: bool = False):
+        """One student fusion pass over the ITM rows (`itm_rows`) and the B masked captions' text states:
+        ([CLS] of the ITM rows [R, H], last states of the MLM rows [B, L, H]). Every row reads its image's
+        keys and values, projected once for the B images; the ITM rows' last layer computes [CLS] only
+        unless `full` (then `out` gets the fusion states the parity tests compare)."""
+        text, mask, images = itm_rows
+        R, B = text.shape[0], image_embeds.shape[0]
+        rows = torch.cat([images, torch.arange(B, device=images.device)])
+        fused = self.bert.fuse(torch.cat([text, mlm_text]), torch.cat([mask, attention_mask]),
+                               image_kv=select_image_kv(self.bert.image_kv(image_embeds), rows),
+                               cls_only=0 if full else R)
+        if not full:
+            return fused
+        out.update(fusion_pos_hidden=fused[:B], fusion_neg_hidden=fused[B : 3 * B])
+        return fused[:R, 0], fused[R:]
+
     def mlm_loss(self, hidden, hidden_m, masked_ids, labels, attention_mask, alpha: float, out: dict, full=False,
                  cross_weight: float | None = None):
         """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions,
@@ -416,48 +448,29 @@ class ALBEF(ALBEFBase):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)  # ALBEF parity: clamped in place at every forward
         out: dict[str, torch.Tensor] = {}
-        B = image.shape[0]
         masked_ids, labels = self.mask_tokens(input_ids)
-        texts = [input_ids, masked_ids]
-        synth_valid = None
-        if self.vilta is not None and self.vilta.cfg.synth_negatives:
-            synth_ids, replaced = self.vilta.synthesize(self.text_encoder, input_ids, attention_mask)
-            synth_valid = replaced.any(1).float()  # a caption with no word to replace is no negative
-            texts.append(synth_ids)
-            out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum())
+        synth_ids, synth_valid = self.synthesize_negatives(input_ids, attention_mask, out)
+        texts = [input_ids, masked_ids] + ([synth_ids] if synth_ids is not None else [])
 
         image_embeds, image_feat = self.encode_image(image)
-        text_states = self.bert(torch.cat(texts), attention_mask.repeat(len(texts), 1), mode="text")
-        text_embeds, mlm_text = text_states[:B], text_states[B : 2 * B]
-        synth_embeds = text_states[2 * B :] if synth_valid is not None else None
+        text_embeds, mlm_text, *synth_embeds = self.text_passes(texts, attention_mask)
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
         with torch.no_grad():
             self.momentum_update(self.cfg.momentum)  # ALBEF parity: before any momentum feature
             image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
-            bert_m = self.text_encoder_m.bert
-            text_states_m = bert_m(torch.cat(texts[:2]), attention_mask.repeat(2, 1), mode="text")
-            text_embeds_m = text_states_m[:B]
+            text_embeds_m, mlm_text_m = self.text_passes(texts[:2], attention_mask, momentum=True)
             text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]), dim=-1)
-            hidden_m = bert_m.fuse(text_states_m[B:], attention_mask, image_embeds_m)
+            hidden_m = self.text_encoder_m.bert.fuse(mlm_text_m, attention_mask, image_embeds_m)
 
         loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, out)
         self.dequeue_and_enqueue(image_feat_m, text_feat_m)
 
-        same = torch.eye(B, dtype=torch.bool, device=image.device)
+        same = torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
         if image_ids is not None:
             same = same | (image_ids[:, None] == image_ids[None, :])
-        itm_text, itm_mask, itm_images = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out,
-                                                       synth_embeds)
-        R = itm_text.shape[0]
-        rows = torch.arange(B, device=image.device)
-        image_kv = select_image_kv(self.bert.image_kv(image_embeds), torch.cat([itm_images, rows]))
-        fused = self.bert.fuse(torch.cat([itm_text, mlm_text]), torch.cat([itm_mask, attention_mask]),
-                               image_kv=image_kv, cls_only=0 if return_outputs else R)
-        if return_outputs:
-            out.update(fusion_pos_hidden=fused[:B], fusion_neg_hidden=fused[B : 3 * B])
-            itm_cls, hidden = fused[:R, 0], fused[R:]
-        else:
-            itm_cls, hidden = fused
+        itm_rows = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out, *synth_embeds)
+        itm_cls, hidden = self.fuse_itm_and_mlm(image_embeds, itm_rows, mlm_text, attention_mask, out,
+                                                full=return_outputs)
         loss_itm = self.itm_loss(itm_cls, out, synth_valid)
         loss_mlm = self.mlm_loss(hidden, hidden_m, masked_ids, labels, attention_mask, alpha, out,
                                  full=return_outputs, cross_weight=cross_weight)
