@@ -74,14 +74,16 @@ def test_flop_count_includes_cpu_attention():
     linear = torch.nn.Linear(8, 6)
     x = torch.randn(7, 8)
 
-    def step():
-        (torch.nn.functional.scaled_dot_product_attention(q, k, v).sum() + linear(x).sum()).backward()
+    def forward():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).sum() + linear(x).sum()
 
-    total, _ = count_flops(step)
+    forward_flops, backward = count_flops(forward)
+    total = forward_flops + backward
     shape = (B, H, L, D)  # torch's formulas for CUDA SDPA: forward QK^T, PV; backward 5 matmuls
     attention = flop_counter.sdpa_flop_count(shape, shape, shape) + flop_counter.sdpa_backward_flop_count(*[shape] * 4)
     linear = 2 * 7 * 8 * 6  # forward; backward the same again (dW only: x needs no gradient)
     assert attention == 14 * B * H * L * L * D and total == attention + 2 * linear
+    assert backward == flop_counter.sdpa_backward_flop_count(*[shape] * 4) + linear
 
 
 def test_time_split_by_part_covers_the_steps():
