@@ -278,7 +278,8 @@ class ALBEFBase(nn.Module):
             logits, synth_logits = logits[: 3 * B], logits[3 * B :]
             ce = F.cross_entropy(synth_logits, torch.zeros(B, dtype=torch.long, device=logits.device), reduction="none")
             out["loss_itm_synth"] = (ce * synth_valid).sum() / synth_valid.sum().clamp(min=1)
-            out["itm_synth_acc"] = ((synth_logits.argmax(1) == 0).float() * synth_valid).sum() / synth_valid.sum().clamp(min=1)
+            correct = (synth_logits.argmax(1) == 0).float()
+            out["itm_synth_acc"] = (correct * synth_valid).sum() / synth_valid.sum().clamp(min=1)
         labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(logits.device)
         out.update(itm_logits=logits, itm_labels=labels)
         return F.cross_entropy(logits, labels)
@@ -311,7 +312,8 @@ class ALBEFBase(nn.Module):
         return self.image_queue.to(dtype, copy=True), self.text_queue.to(dtype, copy=True)
 
 
-def queue_similarities(feat: torch.Tensor, feat_m: torch.Tensor, queue: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+def queue_similarities(feat: torch.Tensor, feat_m: torch.Tensor, queue: torch.Tensor,
+                       temp: torch.Tensor) -> torch.Tensor:
     """[B, B + Q] = feat @ concat(feat_m.T, queue) / temp (ALBEF's layout: this batch's momentum features,
     then the queue), without copying the queue into a concatenation."""
     return torch.cat([feat @ feat_m.T, feat @ queue], dim=1) / temp

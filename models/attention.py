@@ -2,10 +2,10 @@
 
 `attention` computes softmax(q k^T / sqrt(d) + mask) v, with dropout on the probabilities. On CUDA it
 is `F.scaled_dot_product_attention` (flash / memory-efficient kernels). On CPU the fused kernel only
-pays off in full precision without dropout: in bf16 it runs well below the two AMX matmuls it replaces, and with
-dropout SDPA falls back to its math path, which upcasts to fp32 and keeps extra copies. There the same
-function is written out: two matmuls and a softmax (over bf16 scores, accumulated in fp32 inside the
-kernel, as the fused kernels do). Measured in docs/performance.md.
+pays off in full precision without dropout: in bf16 it runs well below the two AMX matmuls it
+replaces, and with dropout SDPA falls back to its math path, which upcasts to fp32 and keeps extra
+copies. There the same function is written out: two matmuls and a softmax (over bf16 scores,
+accumulated in fp32 inside the kernel, as the fused kernels do). Measured in docs/performance.md.
 """
 
 from __future__ import annotations

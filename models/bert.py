@@ -301,7 +301,8 @@ def _rows(t: torch.Tensor | KV | None, start: int, stop: int | None):
 
 def select_image_kv(image_kv: list[KV], rows: torch.Tensor) -> list[KV]:
     """`BertModel.image_kv` of B images -> the same for rows `rows` [R] of them (gradients flow back)."""
-    return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in image_kv]  # backward: index_add, not index_put
+    # index_select: its backward is index_add, several times faster on CPU than indexing's index_put
+    return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in image_kv]
 
 
 class TwoImageBertModel(BertModel):
