@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.bert import KV, BertConfig, BertForMaskedLM, BertModel, load_hf_bert, select_image_kv
+from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert, select_image_kv
 from models.vilta import ViLTA
 from models.vit import build_vit, load_vit_weights, resize_pos_embed
 
@@ -284,22 +284,33 @@ class ALBEFBase(nn.Module):
         out.update(itm_logits=logits, itm_labels=labels)
         return F.cross_entropy(logits, labels)
 
+    def fuse_itm(self, image_embeds, itm_rows, out: dict, full: bool = False,
+                 more_rows: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """One student fusion pass over the ITM rows (`itm_rows`) and, if given, `more_rows` = (text states
+        [B, L, H], masks [B, L]) of the B captions with their own images (pretraining's MLM rows):
+        ([CLS] of the ITM rows [R, H], last states of `more_rows` [B, L, H], empty without them).
+
+        Every row reads its image's keys and values, projected once for the B images, not once per row.
+        Only the ITM rows' [CLS] is scored, so their last layer computes it alone (`BertModel.run_layers`'
+        `cls_only`) unless `full`; then `out` also gets the fusion states the parity tests compare.
+        """
+        text, mask, images = itm_rows
+        R, B = text.shape[0], image_embeds.shape[0]
+        if more_rows is not None:
+            text, mask = torch.cat([text, more_rows[0]]), torch.cat([mask, more_rows[1]])
+            images = torch.cat([images, torch.arange(B, device=images.device)])
+        fused = self.bert.fuse(text, mask, image_kv=select_image_kv(self.bert.image_kv(image_embeds), images),
+                               cls_only=0 if full else R)
+        if not full:
+            return fused
+        out.update(fusion_pos_hidden=fused[:B], fusion_neg_hidden=fused[B : 3 * B])
+        return fused[:R, 0], fused[R:]
+
     def itm(self, image_embeds, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict,
             full: bool = False) -> torch.Tensor:
-        """Image-text matching on B positives and 2B hard negatives (`itm_rows`) in one fusion pass.
-
-        The rows read only the B images: their cross-attention keys and values are projected once and
-        indexed per row, not projected 3B times. Only [CLS] is scored, so the last layer computes only
-        it (`BertModel.run_layers`' cls_only) unless `full` hidden states are asked for (`out`).
-        """
-        B = image_embeds.shape[0]
-        text, mask, images = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
-        image_kv = select_image_kv(self.bert.image_kv(image_embeds), images)
-        if full:
-            fused = self.bert.fuse(text, mask, image_kv=image_kv)
-            out.update(fusion_pos_hidden=fused[:B], fusion_neg_hidden=fused[B:])
-            return self.itm_loss(fused[:, 0], out)
-        cls_states, _ = self.bert.fuse(text, mask, image_kv=image_kv, cls_only=text.shape[0])
+        """Image-text matching on B positives and 2B hard negatives (`itm_rows`) in one fusion pass."""
+        itm_rows = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
+        cls_states, _ = self.fuse_itm(image_embeds, itm_rows, out, full)
         return self.itm_loss(cls_states, out)
 
     @torch.no_grad()
@@ -380,22 +391,6 @@ class ALBEF(ALBEFBase):
         out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum())
         return synth_ids, replaced.any(1).float()
 
-    def fuse_itm_and_mlm(self, image_embeds, itm_rows, mlm_text, attention_mask, out: dict, full: bool = False):
-        """One student fusion pass over the ITM rows (`itm_rows`) and the B masked captions' text states:
-        ([CLS] of the ITM rows [R, H], last states of the MLM rows [B, L, H]). Every row reads its image's
-        keys and values, projected once for the B images; the ITM rows' last layer computes [CLS] only
-        unless `full` (then `out` gets the fusion states the parity tests compare)."""
-        text, mask, images = itm_rows
-        R, B = text.shape[0], image_embeds.shape[0]
-        rows = torch.cat([images, torch.arange(B, device=images.device)])
-        fused = self.bert.fuse(torch.cat([text, mlm_text]), torch.cat([mask, attention_mask]),
-                               image_kv=select_image_kv(self.bert.image_kv(image_embeds), rows),
-                               cls_only=0 if full else R)
-        if not full:
-            return fused
-        out.update(fusion_pos_hidden=fused[:B], fusion_neg_hidden=fused[B : 3 * B])
-        return fused[:R, 0], fused[R:]
-
     def mlm_loss(self, hidden, hidden_m, masked_ids, labels, attention_mask, alpha: float, out: dict, full=False,
                  cross_weight: float | None = None):
         """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions,
@@ -471,8 +466,8 @@ class ALBEF(ALBEFBase):
         if image_ids is not None:
             same = same | (image_ids[:, None] == image_ids[None, :])
         itm_rows = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out, *synth_embeds)
-        itm_cls, hidden = self.fuse_itm_and_mlm(image_embeds, itm_rows, mlm_text, attention_mask, out,
-                                                full=return_outputs)
+        itm_cls, hidden = self.fuse_itm(image_embeds, itm_rows, out, full=return_outputs,
+                                        more_rows=(mlm_text, attention_mask))
         loss_itm = self.itm_loss(itm_cls, out, synth_valid)
         loss_mlm = self.mlm_loss(hidden, hidden_m, masked_ids, labels, attention_mask, alpha, out,
                                  full=return_outputs, cross_weight=cross_weight)
