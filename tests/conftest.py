@@ -1,4 +1,9 @@
-"""Shared test fixtures: the reference folder of the original ALBEF and the packaged BERT vocabulary."""
+"""Shared test fixtures: the reference folder of the original ALBEF and the packaged BERT vocabulary.
+
+The reference fixtures ship with the repository (tests/fixtures/albef_ref, a copy of the public set), so a
+fresh clone passes on its own; ALBEF_REF_DIR points the parity tests at another set of the same format
+(CI: ../shared/fixtures/albef_ref). Parity tests read every size, count and case parameter from the set.
+"""
 
 import os
 import sys
@@ -13,7 +18,7 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REF_DIR = Path(os.environ.get("ALBEF_REF_DIR", ROOT.parent / "shared" / "fixtures" / "albef_ref"))
+REF_DIR = Path(os.environ.get("ALBEF_REF_DIR") or ROOT / "tests" / "fixtures" / "albef_ref")
 
 
 @pytest.fixture(scope="session")
