@@ -134,7 +134,6 @@ def main(argv=None) -> dict:
                                 collate_fn=collate_retrieval(tokenizer), num_workers=cfg.num_workers,
                                 dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    total_steps = steps_per_epoch * cfg.schedular.epochs
     logger.info("%d pairs of %d images, %d steps per epoch, %d ranks x batch %d", len(train_set),
                 len(train_set.img_ids), steps_per_epoch, dist.world_size, cfg.batch_size_train)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
@@ -163,7 +162,7 @@ def main(argv=None) -> dict:
     results = {}
     for epoch in range(start_epoch, cfg.schedular.epochs):
         stats = utils.train_one_epoch(
-            ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+            ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
             start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
             dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
         results = evaluate(epoch)

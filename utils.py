@@ -72,26 +72,40 @@ class OptimizerConfig:
 class SchedulerConfig:
     """The YAML section `schedular` (ALBEF parity: the original's spelling, so its files carry over).
 
-    Linear warm-up from `warmup_lr` to `lr` over `warmup_steps` optimizer steps, then cosine to `min_lr`
-    at the last step of `epochs`. The original's `warmup_epochs: 20` stepped a timm scheduler every 100
-    iterations (its `step_size`): that is `warmup_steps: 2000` here. `decay_rate` and `cooldown_epochs`
-    are accepted so the original files load; with one cosine cycle they are unused.
+    Warm-up from `warmup_lr`, then one cosine from `lr` to `min_lr`, in one of two ways (`lr_at`):
+    - `schedule: original`, the lr of ALBEF's scripts at every step (its timm CosineLRScheduler as
+      Pretrain.py and the task scripts drive it): in epoch 0 a staircase of `warmup_epochs` steps, each
+      held for `step_size` optimizer steps (the original's misnomer: 20 "epochs" of 100 iterations), then
+      `lr` for the rest of epoch 0; from epoch 1 on, one cosine value per epoch.
+    - `schedule: smooth`: linear warm-up over `warmup_steps` optimizer steps, then the cosine per step,
+      reaching `min_lr` at the last step of `epochs`.
+    `decay_rate` and `cooldown_epochs` are accepted so the original files load; with one cycle they do
+    nothing there either.
     """
 
     sched: str = "cosine"
+    schedule: typing.Literal["original", "smooth"] = "smooth"
     lr: float
     epochs: int
     min_lr: float = 0.0
     warmup_lr: float = 0.0
-    warmup_steps: int = 0
+    warmup_epochs: int = 0  # original: warm-up stairs, in epoch 0 only
+    step_size: int = 100  # original: optimizer steps per stair (hard-coded 100 in every original script)
+    warmup_steps: int = 0  # smooth: optimizer steps of linear warm-up
     decay_rate: float = 1.0  # unused
     cooldown_epochs: int = 0  # unused
 
     def __post_init__(self):
-        if self.sched != "cosine" or self.lr <= 0 or min(self.min_lr, self.warmup_lr, self.warmup_steps) < 0:
-            raise ValueError(f"need sched 'cosine', lr > 0, min_lr, warmup_lr, warmup_steps >= 0; got {self}")
-        if self.epochs < 1:
-            raise ValueError(f"need epochs >= 1, got {self.epochs}")
+        if self.sched != "cosine" or self.lr <= 0 or min(self.min_lr, self.warmup_lr) < 0:
+            raise ValueError(f"need sched 'cosine', lr > 0, min_lr, warmup_lr >= 0; got {self}")
+        if self.epochs < 1 or self.step_size < 1 or min(self.warmup_epochs, self.warmup_steps) < 0:
+            raise ValueError("need epochs, step_size >= 1 and warmup_epochs, warmup_steps >= 0")
+        if self.schedule == "original" and self.warmup_steps:
+            raise ValueError("warmup_steps belongs to schedule 'smooth'; the original warms up over "
+                             "warmup_epochs stairs of step_size steps")
+        if self.schedule == "smooth" and self.warmup_epochs:
+            raise ValueError("warmup_epochs belongs to schedule 'original' (set schedule: original, or "
+                             "warmup_steps for the smooth warm-up)")
 
 
 @dataclass(kw_only=True)
@@ -373,13 +387,36 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=cfg.lr, **fast)
 
 
-def lr_at(step: int, total_steps: int, cfg: SchedulerConfig) -> float:
-    """The lr of optimizer step `step` (0-based): linear warmup_lr → lr over `warmup_steps`, then cosine
-    lr → min_lr, reaching min_lr at `total_steps`."""
+def lr_at(epoch: int, step_in_epoch: int, steps_per_epoch: int, cfg: SchedulerConfig) -> float:
+    """The lr of optimizer step `step_in_epoch` (0-based) of `epoch`, by `cfg.schedule` (see SchedulerConfig)."""
+    if cfg.schedule == "original":
+        return original_lr(epoch, step_in_epoch, cfg)
+    step, total_steps = epoch * steps_per_epoch + step_in_epoch, steps_per_epoch * cfg.epochs
     if step < cfg.warmup_steps:
         return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def original_lr(epoch: int, step_in_epoch: int, cfg: SchedulerConfig) -> float:
+    """ALBEF parity: the lr the original scripts train step `step_in_epoch` of `epoch` with, to the bit.
+
+    Their scheduler value at "time" t is warmup_lr + t * ((lr - warmup_lr) / W) for t < W (W =
+    `warmup_epochs`), else the cosine at t - W of `epochs`, min_lr past it (one cycle). They set it at
+    construction (t = 0: warmup_lr, or lr when W = 0), in epoch 0 after step i when i % step_size == 0
+    and i <= W * step_size (t = i // step_size, used from step i + 1 on), and for epoch e >= 1 at
+    t = e + W: Pretrain.py, VQA.py and Pretrain_nlvr.py before epoch e, Retrieval.py, NLVR.py, VE.py and
+    Grounding.py after epoch e - 1, the same value either way. The float operations are theirs too.
+    """
+    W = cfg.warmup_epochs
+    if epoch == 0 and step_in_epoch == 0:
+        return cfg.warmup_lr if W else cfg.lr
+    t = epoch + W if epoch else min(W, (step_in_epoch - 1) // cfg.step_size)
+    if t < W:
+        return cfg.warmup_lr + t * ((cfg.lr - cfg.warmup_lr) / W)
+    if t - W >= cfg.epochs:
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * (t - W) / cfg.epochs))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -647,13 +684,13 @@ def _accumulate(model: nn.Module, batches, micro: int, extra: dict, amp: str, de
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, epoch: int,
-                    steps_per_epoch: int, total_steps: int, start_step_in_epoch: int = 0,
+                    steps_per_epoch: int, start_step_in_epoch: int = 0,
                     cfg: EngineConfig, sched: SchedulerConfig, dist: DistInfo, tb=None,
                     forward_kwargs: Callable[[int, int], dict] | None = None,
                     on_step: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Train optimizer steps `start_step_in_epoch` .. `steps_per_epoch - 1` of `epoch`.
 
-    Each step: lr = `lr_at(global step)`; `cfg.accum_steps` batches, each a dict of forward's arguments
+    Each step: lr = `lr_at(epoch, step in epoch)`; `cfg.accum_steps` batches, each a dict of forward's arguments
     plus `forward_kwargs(epoch, step_in_epoch)`; the sum of the `loss*` outputs backpropagated under
     `cfg.amp`; clipping to `cfg.grad_clip`; the optimizer step; then `on_step(steps done in all, steps
     done in this epoch)`, the values a checkpoint stores. Every output key is logged. Every rank runs
@@ -676,7 +713,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     window_samples = 0
     for i in range(start_step_in_epoch, steps_per_epoch):
         step = epoch * steps_per_epoch + i
-        set_lr(optimizer, lr := lr_at(step, total_steps, sched))
+        set_lr(optimizer, lr := lr_at(epoch, i, steps_per_epoch, sched))
         extra = forward_kwargs(epoch, i) if forward_kwargs else {}
         out, samples = _accumulate(model, batches, micro, extra, cfg.amp, dist.device)
         if cfg.grad_clip is not None:
@@ -732,7 +769,6 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
     )
 
     steps_per_epoch_ = steps_per_epoch(loader, cfg.accum_steps)
-    total_steps = steps_per_epoch_ * cfg.schedular.epochs
     batch_size = getattr(loader_position(loader), "batch_size", None) or loader.batch_size
     samples_per_step = batch_size * cfg.accum_steps * dist.world_size if batch_size else None
     start_epoch, start_step, best = 0, 0, float("-inf")
@@ -766,7 +802,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
         done = steps_per_epoch_
         try:
             train_stats = train_one_epoch(
-                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch_, total_steps=total_steps,
+                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch_,
                 start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
                 dist=dist, tb=tb, forward_kwargs=forward_kwargs, on_step=on_step)
         except StopTraining:

@@ -1,6 +1,8 @@
 """The engine in utils.py on toy models and datasets: config, optimizer groups, lr, checkpoints, the
 resumable sampler and its seeding, exact resume, accumulation, bf16 on CPU, and 2-process DDP."""
 
+import dataclasses
+import math
 import os
 import random
 import socket
@@ -174,15 +176,56 @@ def test_fused_adamw_takes_the_steps_of_the_reference_adamw():
 
 
 def test_lr_schedule():
-    cfg = SchedulerConfig(lr=1e-4, epochs=3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=100)
-    assert utils.lr_at(0, 1100, cfg) == pytest.approx(1e-6)
-    assert utils.lr_at(50, 1100, cfg) == pytest.approx((1e-6 + 1e-4) / 2)
-    assert utils.lr_at(100, 1100, cfg) == pytest.approx(1e-4)
-    assert utils.lr_at(600, 1100, cfg) == pytest.approx((1e-4 + 1e-5) / 2)
-    assert utils.lr_at(1100, 1100, cfg) == pytest.approx(1e-5)
+    cfg = SchedulerConfig(lr=1e-4, epochs=2, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=100)  # smooth, per step
+    assert utils.lr_at(0, 0, 550, cfg) == pytest.approx(1e-6)
+    assert utils.lr_at(0, 50, 550, cfg) == pytest.approx((1e-6 + 1e-4) / 2)
+    assert utils.lr_at(0, 100, 550, cfg) == pytest.approx(1e-4)
+    assert utils.lr_at(1, 50, 550, cfg) == pytest.approx((1e-4 + 1e-5) / 2)  # global step 600 of 1100
+    assert utils.lr_at(2, 0, 550, cfg) == pytest.approx(1e-5)
     opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1.0)
     utils.set_lr(opt, 0.5)
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_original_lr_schedule_by_hand():
+    """A 3-epoch run of 250 steps per epoch under the original scripts' schedule, values worked out by hand
+    from timm's CosineLRScheduler as Pretrain.py (and every task script) drives it: warm-up stairs of
+    (lr - warmup_lr) / warmup_epochs = 2.25e-5 held for 100 steps, cut short by the end of epoch 0; then
+    min_lr + (lr - min_lr)(1 + cos(pi e / epochs)) / 2 for all of epoch e."""
+    cfg = SchedulerConfig(schedule="original", lr=1e-4, epochs=3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=4)
+    by_hand = {(0, 0): 1e-5, (0, 1): 1e-5, (0, 100): 1e-5, (0, 101): 3.25e-5, (0, 200): 3.25e-5,
+               (0, 201): 5.5e-5, (0, 249): 5.5e-5,  # stairs 3 and 4 never come: epoch 0 ends first
+               (1, 0): 7.75e-5, (1, 249): 7.75e-5,  # 1e-5 + 4.5e-5 * (1 + cos(pi / 3))
+               (2, 0): 3.25e-5, (2, 130): 3.25e-5}  # 1e-5 + 4.5e-5 * (1 + cos(2 pi / 3))
+    for (epoch, i), value in by_hand.items():
+        assert utils.lr_at(epoch, i, 250, cfg) == pytest.approx(value, rel=1e-12), (epoch, i)
+    # the original's float operations, bit for bit: warmup_lr + t * step, and its cosine expression
+    assert utils.lr_at(0, 101, 250, cfg) == 1e-5 + 1 * ((1e-4 - 1e-5) / 4)
+    assert utils.lr_at(1, 7, 250, cfg) == 1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * 1 / 3))
+    # warm-up finished inside epoch 0: lr (the cosine at 0) from step W * 100 + 1 on
+    two = dataclasses.replace(cfg, warmup_epochs=2)
+    assert [utils.lr_at(0, i, 500, two) for i in (100, 101, 200, 201, 499)] == pytest.approx(
+        [1e-5, 5.5e-5, 5.5e-5, 1e-4, 1e-4], rel=1e-12)
+    # no warm-up (Retrieval's 1e-5 -> 1e-5 is the same): lr at once, the per-epoch cosine after
+    flat = dataclasses.replace(cfg, warmup_epochs=0, warmup_lr=1e-4)
+    assert utils.lr_at(0, 0, 250, flat) == 1e-4 and utils.lr_at(0, 150, 250, flat) == pytest.approx(1e-4)
+    assert utils.lr_at(2, 3, 250, flat) == pytest.approx(3.25e-5, rel=1e-12)
+
+
+def test_schedule_keys_belong_to_their_schedule():
+    with pytest.raises(ValueError, match="warmup_epochs belongs to schedule 'original'"):
+        SchedulerConfig(lr=1e-4, epochs=3, warmup_epochs=20)
+    with pytest.raises(ValueError, match="warmup_steps belongs to schedule 'smooth'"):
+        SchedulerConfig(schedule="original", lr=1e-4, epochs=3, warmup_steps=2000)
+
+
+def test_engine_sets_the_original_lr_every_step(tmp_path):
+    tb = FakeWriter()
+    sched = SchedulerConfig(schedule="original", lr=0.05, epochs=2, min_lr=0.001, warmup_lr=0.005, warmup_epochs=2,
+                            step_size=3)
+    _run(tmp_path, tb=tb, sched=sched)
+    lrs = [v for t, v, _ in tb.scalars if t == "train/lr"]
+    assert lrs == pytest.approx([0.005] * 4 + [0.0275] * 3 + [0.05] + [0.001 + 0.049 * (1 + math.cos(math.pi / 2)) / 2] * 8)
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -262,7 +305,7 @@ class _Stop(Exception):
 
 
 def _run(tmp_path, *, resume_from=None, stop_at=None, epochs=2, engine=None, batch_size=4, dropout=0.3,
-         augment=True, seed=0, device="cpu", sgd=False, tb=None):
+         augment=True, seed=0, device="cpu", sgd=False, tb=None, sched=None):
     """Train a toy model `epochs` epochs; save + stop after global step `stop_at`; or resume from a file."""
     engine = engine or EngineConfig(num_workers=0, print_freq=3)
     dist = utils.DistInfo(device=torch.device(device))
@@ -272,7 +315,7 @@ def _run(tmp_path, *, resume_from=None, stop_at=None, epochs=2, engine=None, bat
     loader = loaders.build_loader(NoisyDataset(32, augment=augment), batch_size, shuffle=True, drop_last=True,
                                 num_workers=engine.num_workers, dist=dist, seed=engine.seed)
     spe = utils.steps_per_epoch(loader, engine.accum_steps)
-    sched = _sched(epochs=epochs, **({"lr": 0.005, "warmup_lr": 0.0005} if sgd else {}))  # SGD: stable
+    sched = sched or _sched(epochs=epochs, **({"lr": 0.005, "warmup_lr": 0.0005} if sgd else {}))  # SGD: stable
     start = (0, 0)
     if resume_from:
         ckpt = utils.load_checkpoint(resume_from)
@@ -291,7 +334,7 @@ def _run(tmp_path, *, resume_from=None, stop_at=None, epochs=2, engine=None, bat
     for epoch in range(start[0], epochs):
         try:
             stats = utils.train_one_epoch(
-                model, loader, opt, epoch=epoch, steps_per_epoch=spe, total_steps=epochs * spe,
+                model, loader, opt, epoch=epoch, steps_per_epoch=spe,
                 start_step_in_epoch=start[1] if epoch == start[0] else 0, cfg=engine, sched=sched, dist=dist, tb=tb,
                 forward_kwargs=lambda e, i: {"scale": min(1.0, (e * spe + i + 1) / spe)}, on_step=on_step)
         except _Stop:
@@ -396,7 +439,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
                                     dist=dist, seed=engine.seed)
         spe = utils.steps_per_epoch(loader, engine.accum_steps)
         seen = [int(i) for b in loader for i in b["idx"]]
-        stats = utils.train_one_epoch(model, loader, opt, epoch=0, steps_per_epoch=spe, total_steps=spe,
+        stats = utils.train_one_epoch(model, loader, opt, epoch=0, steps_per_epoch=spe,
                                       cfg=engine, sched=_sched(epochs=1), dist=dist)
         state = utils.resume_state(model, opt, {}, 0, spe, spe)
         torch.save({"params": _params(model), "seen": seen, "stats": stats, "n_rng": len(state["rng"])},
