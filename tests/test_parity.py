@@ -1,7 +1,9 @@
 """Parity with the original ALBEF: tiny random checkpoints and their recorded inputs/outputs, and the
 state-dict layout of every official model at full size (built on the meta device).
 
-The fixture folder comes from ALBEF_REF_DIR; nothing here depends on its particular sizes.
+Every size, count and case parameter comes from the fixture set (ALBEF_REF_DIR, default
+tests/fixtures/albef_ref): config.json, inputs.pt and the key files; nothing here depends on the public
+set's particular sizes. The other parity files share these helpers.
 """
 
 import json
@@ -17,11 +19,22 @@ ATOL = 1e-5
 
 
 def model_config(cfg: dict) -> ALBEFConfig:
+    """The model keys of a fixture config (tiny config.json, or `full_size_config` of a key file)."""
     names = {f.name for f in fields(ALBEFConfig)}
-    kw = {k: v for k, v in cfg.items() if k in names}
+    kw = {k: v for k, v in cfg.items() if k in names and k != "bert_config"}
     kw.update(text_encoder=None, vit_init=None)
-    kw.setdefault("vit_width", cfg.get("vision_width", 768))
+    kw.setdefault("vision_width", kw["vit_width"])
     return ALBEFConfig(**kw)
+
+
+def full_size_config(keys: dict) -> dict:
+    """A key file's config and derived facts, with the ViT sizes the original hard-codes (and the key file
+    therefore leaves out) read off the key shapes: width, patch size, depth. Heads change no shape."""
+    shapes = keys["keys"]
+    width = shapes["visual_encoder.cls_token"][-1]
+    depth = len({k.split(".")[2] for k in shapes if k.startswith("visual_encoder.blocks.")})
+    return dict(keys["config"], **keys.get("derived", {}), vit_width=width, vision_width=width, vit_depth=depth,
+                vit_patch_size=shapes["visual_encoder.patch_embed.proj.weight"][-1])
 
 
 def assert_close(name, ours, ref):
@@ -94,7 +107,7 @@ KEY_MODELS = {"pretrain": ALBEF}
 
 
 def full_size_model(model_cls, keys: dict):
-    cfg = dict(keys["config"], **keys.get("derived", {}))
+    cfg = full_size_config(keys)
     with torch.device("meta"):
         return model_cls(model_config(cfg), build_bert_config(cfg["bert_config"]))
 

@@ -1,28 +1,33 @@
 """Parity of NLVR, text-assignment pretraining and VE with the original ALBEF: the tiny fixtures' outputs
 (recorded draws replayed), the official key lists at full size (shared key/value tensors included), and
 the pretrain -> task checkpoint conversions against the fixture's `init_from_checkpoint`.
+
+Every size, count and layer index comes from the fixture set (config.json, inputs.pt, key files);
+nothing here depends on the public set's particular sizes.
 """
 
 import json
-from dataclasses import fields
 
 import pytest
 import torch
 
-from models.albef import ALBEF, ALBEFConfig, CheckpointError, build_bert_config, load_state_dict_strict
+from models.albef import ALBEF, CheckpointError, build_bert_config, load_state_dict_strict
 from models.nlvr import (ALBEFNLVR, ALBEFTextAssignment, load_nlvr_checkpoint, load_text_assignment_checkpoint,
                          nlvr_state_dict, text_assignment_state_dict)
 from models.ve import ALBEFVE, load_ve_checkpoint, ve_state_dict
-from tests.test_parity import assert_close, load_case
+from tests.test_parity import assert_close, full_size_config, load_case, model_config
 
 
-def model_config(cfg: dict) -> ALBEFConfig:
-    names = {f.name for f in fields(ALBEFConfig)}
-    kw = {k: v for k, v in cfg.items() if k in names and k != "bert_config"}
-    kw.update(text_encoder=None, vit_init=None)
-    kw.setdefault("vit_width", cfg.get("vision_width", 768))
-    kw.setdefault("vision_width", kw["vit_width"])
-    return ALBEFConfig(**kw)
+def layers(cfg: dict) -> tuple[int, int]:
+    """(fusion_layer F, layers L) of the pretraining BERT a config describes."""
+    return cfg["bert_config"]["fusion_layer"], cfg["bert_config"]["num_hidden_layers"]
+
+
+def with_pretrain_sizes(cfg: dict) -> dict:
+    """A task config plus the pretraining-only sizes (queue, projections) of the fixture's pretrain model,
+    so that one model family's checkpoint can be built at the other's size."""
+    pretrain = load_case("pretrain")[0]
+    return cfg | {k: pretrain[k] for k in ("queue_size", "embed_dim")}
 
 
 def build(model_cls, cfg: dict, sd: dict | None = None):
@@ -77,7 +82,7 @@ def test_text_assignment_loss(ref_dir, monkeypatch):
         for name in ref:
             assert_close(f"pretrain_nlvr/{case}/{name}", out[name], ref[name])
         # the replayed choice is one the rule can make: a negative never has weight 0 (not b itself)
-        w, idx = drawn["weights"], torch.arange(4)
+        w, idx = drawn["weights"], torch.arange(len(rec["labels"]))
         for b, (l, r, y) in enumerate(zip(rec["left_image_idx"], rec["right_image_idx"], rec["labels"])):
             neg = [l, r] if y == 2 else [r if y == 0 else l]
             assert all(w[b, n] > 0 for n in neg) and (y == 2 or idx[b] in (l, r))
@@ -106,13 +111,13 @@ KEY_MODELS = {"nlvr": ALBEFNLVR, "pretrain_nlvr": ALBEFTextAssignment, "ve": ALB
 def test_official_key_list(ref_dir, name):
     keys = json.loads((ref_dir / f"keys_{name}.json").read_text())
     with torch.device("meta"):
-        model = build(KEY_MODELS[name], keys["config"])
+        model = build(KEY_MODELS[name], full_size_config(keys))
     state = model.state_dict(keep_vars=True)
     ours = {k: list(v.shape) for k, v in state.items()}
     assert sorted(set(keys["keys"]) - set(ours)) == [], "missing keys"
     assert sorted(set(ours) - set(keys["keys"])) == [], "extra keys"
     assert {k: ours[k] for k in keys["keys"]} == keys["keys"], "shapes differ"
-    assert len(keys["shared_with"]) == (48 if name == "nlvr" else 24 if name == "pretrain_nlvr" else 0)
+    assert keys["shared_with"] == shared_key_value(keys)
     for alias, first in keys["shared_with"].items():
         assert state[alias] is state[first], f"{alias} is not tied to {first}"
     # nothing else is tied: as many distinct tensors as keys minus aliases
@@ -127,12 +132,24 @@ def test_official_key_list(ref_dir, name):
         assert model.text_encoder.config.num_hidden_layers == keys["derived"]["text_encoder.num_hidden_layers"]
 
 
+def shared_key_value(keys: dict) -> dict[str, str]:
+    """NLVR-family tying from the key file's sizes: cross-attention key and value of layer F+2i+1 are those
+    of F+2i, in every encoder that has them (online and momentum); nothing tied elsewhere."""
+    F, L = layers(keys["config"])
+    if "text_encoder.num_hidden_layers" not in keys["derived"]:
+        return {}
+    prefixes = sorted({k.split(".")[0] for k in keys["keys"] if k.startswith("text_encoder")})
+    return {f"{p}.encoder.layer.{F + 2 * i + 1}.crossattention.self.{kv}.{wb}":
+            f"{p}.encoder.layer.{F + 2 * i}.crossattention.self.{kv}.{wb}"
+            for p in prefixes for i in range(L - F) for kv in ("key", "value") for wb in ("weight", "bias")}
+
+
 # ------------------------------------------------------------------------------ checkpoint conversion
 
 CONVERSIONS = {
-    "pretrain_nlvr": lambda sd: text_assignment_state_dict(sd, 6),
-    "nlvr": lambda sd: nlvr_state_dict(sd, 6),
-    "ve": ve_state_dict,
+    "pretrain_nlvr": lambda sd, fusion_layer: text_assignment_state_dict(sd, fusion_layer),
+    "nlvr": lambda sd, fusion_layer: nlvr_state_dict(sd, fusion_layer),
+    "ve": lambda sd, fusion_layer: ve_state_dict(sd),
 }
 
 
@@ -142,7 +159,7 @@ def test_conversion_matches_original_key_loop(ref_dir, name):
     target = json.loads((ref_dir / f"keys_{name}.json").read_text())
     init = target["init_from_checkpoint"]
     source = json.loads((ref_dir / f"keys_{init['source_model']}.json").read_text())["keys"]
-    converted = CONVERSIONS[name]({k: k for k in source})
+    converted = CONVERSIONS[name]({k: k for k in source}, target["config"]["bert_config"]["fusion_layer"])
     missing = sorted(set(target["keys"]) - set(converted))
     unexpected = sorted(set(converted) - set(target["keys"]))
     assert missing == sorted(init["missing_keys"])
@@ -168,13 +185,13 @@ def _tiny_pretrain_checkpoint(tmp_path, cfg) -> tuple[str, dict]:
 
 def test_load_chain_pretrain_ta_nlvr(ref_dir, tmp_path):
     """Pretrain -> TA -> NLVR as the original scripts chain them, and Pretrain -> NLVR directly."""
-    cfg = load_case("pretrain_nlvr")[0] | {"queue_size": 8, "embed_dim": 12}
+    cfg = with_pretrain_sizes(load_case("pretrain_nlvr")[0])
     path, sd = _tiny_pretrain_checkpoint(tmp_path, cfg)
     ta = build(ALBEFTextAssignment, cfg)
     result = load_text_assignment_checkpoint(ta, path)
     assert result["missing"] == ["ta_head.weight", "ta_head.bias"]
     state = ta.state_dict()
-    F_, L = 2, 4
+    F_, L = layers(cfg)
     for layer in range(F_, L):  # pretrained fusion layer l -> layers F+2(l-F) and F+2(l-F)+1
         for half in (0, 1):
             new = F_ + 2 * (layer - F_) + half
@@ -201,8 +218,9 @@ def test_load_chain_pretrain_ta_nlvr(ref_dir, tmp_path):
     nlvr = build(ALBEFNLVR, nlvr_cfg)
     load_nlvr_checkpoint(nlvr, ta_path, copy_momentum_after_load=True)
     after = nlvr.state_dict()
-    assert torch.equal(after["text_encoder_m.encoder.layer.3.crossattention.self.key.weight"],
-                       state["text_encoder.encoder.layer.3.crossattention.self.key.weight"])
+    last = F_ + 2 * (L - F_) - 1  # the two-image encoder's last layer
+    assert torch.equal(after[f"text_encoder_m.encoder.layer.{last}.crossattention.self.key.weight"],
+                       state[f"text_encoder.encoder.layer.{last}.crossattention.self.key.weight"])
     assert torch.equal(after["cls_head_m.0.weight"], after["cls_head.0.weight"])
     # a fine-tuned NLVR checkpoint loads strictly, momentum included
     fine = {k: v + 1 if v.is_floating_point() else v for k, v in after.items()}
@@ -213,20 +231,21 @@ def test_load_chain_pretrain_ta_nlvr(ref_dir, tmp_path):
 
 
 def test_load_ve_from_pretrain(ref_dir, tmp_path):
-    cfg = load_case("ve")[0] | {"queue_size": 8, "embed_dim": 12}
+    cfg = with_pretrain_sizes(load_case("ve")[0])
     path, sd = _tiny_pretrain_checkpoint(tmp_path, cfg)
+    last = layers(cfg)[1] - 1  # a fusion layer
     model = build(ALBEFVE, cfg)
     head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("cls_head")}
     result = load_ve_checkpoint(model, path)
     assert sorted(result["missing"]) == sorted(head)
     state = model.state_dict()
-    assert torch.equal(state["text_encoder_m.encoder.layer.3.crossattention.self.value.weight"],
-                       sd["text_encoder_m.bert.encoder.layer.3.crossattention.self.value.weight"])
+    assert torch.equal(state[f"text_encoder_m.encoder.layer.{last}.crossattention.self.value.weight"],
+                       sd[f"text_encoder_m.bert.encoder.layer.{last}.crossattention.self.value.weight"])
     assert torch.equal(state["visual_encoder_m.pos_embed"], sd["visual_encoder_m.pos_embed"])
     assert all(torch.equal(state[k], v) for k, v in head.items())
     assert torch.equal(state["cls_head_m.2.weight"], state["cls_head.2.weight"])  # twins start equal
     truncated = tmp_path / "truncated.pth"
-    torch.save({"model": {k: v for k, v in sd.items() if "layer.3." not in k}}, truncated)
+    torch.save({"model": {k: v for k, v in sd.items() if f"layer.{last}." not in k}}, truncated)
     with pytest.raises(CheckpointError, match="lacks"):
         load_ve_checkpoint(build(ALBEFVE, cfg), str(truncated))
 
@@ -240,7 +259,7 @@ def test_without_distillation(ref_dir, model_name, model_cls):
     model.eval().copy_params()  # nothing to copy
     inp, ref = inputs["loss"], outputs["loss"]
     image = inp["images"] if model_name == "nlvr" else inp["image"]
-    out = model(image, inp["input_ids"], inp["attention_mask"], inp["targets"], alpha=0.4, return_outputs=True)
+    out = model(image, inp["input_ids"], inp["attention_mask"], inp["targets"], alpha=inp["alpha"], return_outputs=True)
     assert_close("prediction", out["prediction"], ref["prediction"])
     assert_close("loss", out["loss"], torch.nn.functional.cross_entropy(ref["prediction"], inp["targets"]))
     assert "prediction_m" not in out

@@ -1,6 +1,9 @@
 """Parity of the retrieval model with the original ALBEF: the training loss and the evaluation procedure
 on the tiny fixture, the official key lists of retrieval and grounding at full size (meta device), and
-the pretrain -> retrieval checkpoint conversion against what the original Retrieval.py loaded."""
+the pretrain -> retrieval checkpoint conversion against what the original Retrieval.py loaded.
+
+Every size, count and case parameter (k_test, gallery, layers) comes from the fixture set; nothing here
+depends on the public set's particular sizes."""
 
 import dataclasses
 import json
@@ -13,7 +16,7 @@ from datasets.retrieval import recall_metrics, retrieval_features, retrieval_sco
 from datasets.text import build_tokenizer, tokenize
 from models.albef import build_bert_config, load_state_dict_strict
 from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, convert_pretrain_state_dict, rerank_itm
-from tests.test_parity import assert_close, load_case, model_config
+from tests.test_parity import assert_close, full_size_config, load_case, model_config
 
 
 def retrieval_config(cfg: dict) -> RetrievalModelConfig:
@@ -87,8 +90,9 @@ def test_retrieval_evaluation(ref_dir, tiny_tokenizer):
             assert_close(f"evaluation/{name}", ours[name], ref[name])
     # the candidates really are where the reference has scores, and every batch size gives the same
     assert torch.equal(score_i2t != -100, ref["score_matrix_i2t"] != -100)
-    for bs in (1, 7, 1000):
-        again = rerank_itm(model, sims, feats["image_embeds"], feats["text_embeds"], feats["text_mask"], 3, bs)
+    for bs in (1, 7, len(inp["texts"])):
+        again = rerank_itm(model, sims, feats["image_embeds"], feats["text_embeds"], feats["text_mask"],
+                           inp["k_test"], bs)
         assert_close("rerank", again[0], ref["score_matrix_i2t"])
         assert_close("rerank", again[1], ref["score_matrix_t2i"])
 
@@ -97,7 +101,7 @@ def test_retrieval_evaluation(ref_dir, tiny_tokenizer):
 
 
 def full_size(keys: dict) -> ALBEFRetrieval:
-    cfg = dict(keys["config"], **keys.get("derived", {}))
+    cfg = full_size_config(keys)
     with torch.device("meta"):
         return ALBEFRetrieval(retrieval_config(cfg), build_bert_config(cfg["bert_config"]))
 
@@ -123,8 +127,9 @@ def test_official_key_list(ref_dir, name):
 
 @pytest.mark.parametrize("name", ["retrieval", "grounding"])
 def test_pretrain_conversion_matches_the_original_loading(ref_dir, name):
-    """Full size on the meta device: the original renamed 516 keys, dropped the 14 MLM-head keys, left
-    `idx_queue` missing (-100 from its constructor) and resized pos_embed (256 -> 384 px)."""
+    """Full size on the meta device, against the key file's `init_from_checkpoint`: the keys the original
+    renamed, the MLM-head keys it dropped, `idx_queue` left missing (-100 from its constructor) and the
+    resized pos_embed."""
     target = json.loads((ref_dir / f"keys_{name}.json").read_text())
     source = json.loads((ref_dir / "keys_pretrain.json").read_text())
     init = target["init_from_checkpoint"]
@@ -155,6 +160,8 @@ def test_pretrain_conversion_values_on_the_tiny_checkpoint(ref_dir):
     assert torch.equal(state["idx_queue"], torch.full_like(state["idx_queue"], -100))
     for k in ("image_queue", "text_queue", "queue_ptr", "temp", "itm_head.weight", "visual_encoder.cls_token"):
         assert torch.equal(state[k], sd[k]), k
-    assert torch.equal(state["text_encoder_m.encoder.layer.3.crossattention.self.key.weight"],
-                       sd["text_encoder_m.bert.encoder.layer.3.crossattention.self.key.weight"])
-    assert state["visual_encoder.pos_embed"].shape[1] == 1 + 4 * (sd["visual_encoder.pos_embed"].shape[1] - 1)
+    last = cfg["bert_config"]["num_hidden_layers"] - 1  # a fusion layer
+    assert torch.equal(state[f"text_encoder_m.encoder.layer.{last}.crossattention.self.key.weight"],
+                       sd[f"text_encoder_m.bert.encoder.layer.{last}.crossattention.self.key.weight"])
+    patches = sd["visual_encoder.pos_embed"].shape[1] - 1
+    assert state["visual_encoder.pos_embed"].shape[1] == 1 + 4 * patches  # twice the side: 4x the patches

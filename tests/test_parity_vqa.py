@@ -1,6 +1,9 @@
 """VQA parity with the original: the tiny fixture's training loss and answer ranking, the official
 vqa.pth key list at full size (meta device), and the pretrain -> VQA checkpoint conversion against
-what the original VQA.py's key loop produced (`init_from_checkpoint` in keys_vqa.json)."""
+what the original VQA.py's key loop produced (`init_from_checkpoint` in keys_vqa.json).
+
+Every size, count and case parameter (k, decoder layers, resolution) comes from the fixture set; nothing
+here depends on the public set's particular sizes."""
 
 import json
 from dataclasses import fields
@@ -9,15 +12,14 @@ import torch
 
 from models.albef import adapt_pos_embed, build_bert_config, load_state_dict_strict
 from models.vqa import VQAModel, VQAModelConfig, vqa_state_dict_from_pretrain
-from tests.test_parity import assert_close, load_case
+from tests.test_parity import assert_close, full_size_config, load_case
 
 
 def model_config(cfg: dict, decoder_layers: int) -> VQAModelConfig:
     names = {f.name for f in fields(VQAModelConfig)}
     kw = {k: v for k, v in cfg.items() if k in names and k != "bert_config"}
     kw.update(text_encoder=None, vit_init=None, text_decoder_layers=decoder_layers)
-    kw.setdefault("vit_width", cfg.get("vision_width", 768))
-    kw["vision_width"] = kw["vit_width"]
+    kw.setdefault("vision_width", kw["vit_width"])
     return VQAModelConfig(**kw)
 
 
@@ -91,7 +93,7 @@ def align_candidates(ours: torch.Tensor, ref: torch.Tensor, probs: torch.Tensor)
 def full_size(keys: dict) -> VQAModel:
     layers = keys["derived"]["text_decoder.num_hidden_layers"]
     with torch.device("meta"):
-        return VQAModel(model_config(keys["config"], layers), build_bert_config(keys["config"]["bert_config"]))
+        return VQAModel(model_config(full_size_config(keys), layers), build_bert_config(keys["config"]["bert_config"]))
 
 
 def test_official_key_list(ref_dir):
@@ -135,17 +137,18 @@ def test_pretrain_conversion_matches_the_original(ref_dir):
 
 
 def test_pretrain_conversion_loads_a_tiny_pretraining_checkpoint(ref_dir, tmp_path):
-    """The tiny pretraining fixture, converted, fills every VQA key (pos_embed resized 32 -> 64 px)."""
+    """The tiny pretraining fixture, converted, fills every VQA key (pos_embed resized to twice the side)."""
     from models.vqa import load_vqa_checkpoint
 
     cfg, sd, _, _ = load_case("pretrain")
-    vqa_cfg = dict(cfg, image_res=64)
-    model = VQAModel(model_config(vqa_cfg, 2), build_bert_config(cfg["bert_config"]))
+    decoder_layers = load_case("vqa")[0]["text_decoder_layers"]
+    model = VQAModel(model_config(dict(cfg, image_res=2 * cfg["image_res"]), decoder_layers),
+                     build_bert_config(cfg["bert_config"]))
     torch.save({"model": sd}, tmp_path / "pretrain.pth")
     load_vqa_checkpoint(model, str(tmp_path / "pretrain.pth"))
     state = model.state_dict()
     F = model.bert_cfg.fusion_layer
-    for i in range(2):
+    for i in range(min(decoder_layers, model.bert_cfg.num_hidden_layers - F)):  # decoder layer i <- fusion layer F+i
         k = f"encoder.layer.{F + i}.crossattention.self.key.weight"
         assert torch.equal(state[f"text_decoder.bert.encoder.layer.{i}.crossattention.self.key.weight"],
                            sd[f"text_encoder.bert.{k}"])
