@@ -30,6 +30,7 @@ import torch.distributed as tdist
 
 import utils
 from datasets import loaders
+from datasets.base import DataFiles
 from datasets.grounding import (
     GroundingDataset,
     chance_accuracy,
@@ -53,13 +54,13 @@ logger = logging.getLogger("Grounding")
 
 @dataclass(kw_only=True)
 class GroundingConfig(utils.EngineConfig, RetrievalModelConfig):
-    train_file: list[str]  # expressions {"image", "text", "ref_id"}
-    test_file: list[str]  # val and test expressions; each ref's split comes from the refs file
+    train_file: DataFiles  # expressions {"image", "text", "ref_id"}
+    test_file: DataFiles  # val and test expressions; each ref's split comes from the refs file
     refcoco_data: str  # folder holding <refer_dataset>/refs(<refer_split_by>).p and instances.json
     refer_dataset: str = "refcoco+"
     refer_split_by: str = "unc"
-    det_file: str  # {str(image_id): [[x, y, w, h, ...], ...]} proposals
-    coco_file: str | None = None  # read by the original, used by nothing: accepted, ignored
+    det_file: DataFiles  # {str(image_id): [[x, y, w, h, ...], ...]} proposals (several files: merged)
+    coco_file: DataFiles | None = None  # read by the original, used by nothing: accepted, ignored
     image_root: str = ""
     batch_size: int = 32  # per GPU, training and evaluation
     max_words: int = 30
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
     """Fine-tunes (or with --evaluate only scores); returns the last evaluation {"val_d", "testA_d", ...}."""
     args = parse_args(argv)
     if args.evaluate and not args.checkpoint:
-        raise SystemExit("--evaluate needs --checkpoint")
+        raise utils.ConfigError("--evaluate needs --checkpoint (the weights to evaluate)")
     dist, cfg = utils.setup_task(args, GroundingConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
@@ -191,4 +192,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

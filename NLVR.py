@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import utils
 from datasets import loaders
+from datasets.base import DataFiles
 from datasets.nlvr import NLVRDataset, collate_nlvr
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
@@ -30,9 +31,9 @@ logger = logging.getLogger("NLVR")
 
 @dataclass(kw_only=True)
 class NLVRConfig(utils.EngineConfig, ALBEFConfig):
-    train_file: list[str]
-    val_file: list[str]
-    test_file: list[str]
+    train_file: DataFiles
+    val_file: DataFiles
+    test_file: DataFiles
     image_root: str = ""  # prefix of the image paths in the files
     batch_size: int = 16  # per GPU, training and evaluation
     max_words: int = 30
@@ -64,7 +65,7 @@ def main(argv=None) -> ALBEFNLVR:
     """Fine-tunes (or with --evaluate only scores) NLVR; returns the unwrapped model."""
     args = parse_args(argv)
     if args.evaluate and not args.checkpoint:
-        raise SystemExit("--evaluate needs --checkpoint")
+        raise utils.ConfigError("--evaluate needs --checkpoint (the weights to evaluate)")
     dist, cfg = utils.setup_task(args, NLVRConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
@@ -109,4 +110,4 @@ def main(argv=None) -> ALBEFNLVR:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

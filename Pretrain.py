@@ -19,7 +19,7 @@ import torch
 
 import utils
 from datasets import loaders
-from datasets.base import Annotations
+from datasets.base import Annotations, DataFiles
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.retrieval import evaluate_itc
 from datasets.shards import PretrainShards
@@ -34,14 +34,14 @@ logger = logging.getLogger("Pretrain")
 
 @dataclass(kw_only=True)
 class PretrainConfig(utils.EngineConfig, ALBEFConfig):
-    train_file: list[str] = field(default_factory=list)  # JSON lists of {"image", "caption"}; or train_shards
+    train_file: DataFiles = field(default_factory=list)  # JSON lists of {"image", "caption"}; or train_shards
     # WebDataset shards instead (img2dataset's layout, scripts/json_to_shards.py): "dir/{000000..000123}.tar",
     # URLs or "pipe:" commands; an epoch is then train_samples_per_epoch samples over all ranks
     train_shards: str | list[str] | None = None
     train_samples_per_epoch: int | None = None
     shuffle_buffer: int = 1000  # with train_shards: samples each reader shuffles among
     image_root: str = ""  # prefix of relative image paths ('' : paths used as written, as the original)
-    val_file: str | None = None  # optional retrieval-format file for zero-shot ITC monitoring
+    val_file: DataFiles | None = None  # optional retrieval-format file(s) for zero-shot ITC monitoring
     batch_size: int = 64  # per GPU
     max_words: int = 30
     skip_bad_images: bool = False
@@ -135,7 +135,7 @@ def make_val(cfg: PretrainConfig, tokenizer, dist):
 
 def example_captions(cfg: PretrainConfig, n: int) -> list[str]:
     """The first `n` captions of the training JSON (with shards: of `val_file`), normalised."""
-    files = cfg.train_file or ([cfg.val_file] if cfg.val_file else [])
+    files = cfg.train_file or cfg.val_file
     ann = Annotations(files) if files and n else []
     captions = [ann.field(i, "caption") for i in range(min(n, len(ann)))]
     return [pre_caption(c[0] if isinstance(c, list) else c, cfg.max_words) for c in captions]
@@ -171,4 +171,4 @@ def report(val, model, cfg, output_dir, tb, epoch: int, dist) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import utils
 from datasets import loaders
+from datasets.base import DataFiles
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.text import build_tokenizer
 from datasets.transforms import PRETRAIN_SCALE, train_transform
@@ -31,7 +32,7 @@ logger = logging.getLogger("Pretrain_nlvr")
 
 @dataclass(kw_only=True)
 class TAConfig(utils.EngineConfig, ALBEFConfig):
-    train_file: list[str]
+    train_file: DataFiles
     image_root: str = ""  # prefix of relative image paths ('' : paths used as written, as the original)
     batch_size: int = 64  # per GPU; at least 3 (two distinct negatives per text)
     max_words: int = 30
@@ -87,4 +88,4 @@ def main(argv=None) -> ALBEFTextAssignment:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

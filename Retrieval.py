@@ -35,6 +35,7 @@ import torch
 
 import utils
 from datasets import loaders
+from datasets.base import DataFiles
 from datasets.retrieval import (
     RetrievalEvalDataset,
     RetrievalTrainDataset,
@@ -54,9 +55,9 @@ logger = logging.getLogger("Retrieval")
 
 @dataclass(kw_only=True)
 class RetrievalConfig(utils.EngineConfig, RetrievalModelConfig):
-    train_file: list[str]
-    val_file: str
-    test_file: str
+    train_file: DataFiles
+    val_file: DataFiles
+    test_file: DataFiles
     image_root: str = ""  # prefix of relative image paths
     batch_size_train: int = 32  # per GPU
     batch_size_test: int = 64  # images, and texts, per batch of the feature pass
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     dist, cfg = utils.setup_task(args, RetrievalConfig)
 
-    tokenizer = build_tokenizer(resolve_pretrained(cfg.text_encoder))
+    tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     splits = {s: RetrievalEvalDataset(f, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
               for s, f in (("val", cfg.val_file), ("test", cfg.test_file))}
     model = ALBEFRetrieval(cfg, build_bert_config(cfg))
@@ -195,4 +196,4 @@ def finish(tb) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import utils
 from datasets import loaders
+from datasets.base import DataFiles
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
 from datasets.ve import VEDataset, collate_ve
@@ -29,9 +30,9 @@ logger = logging.getLogger("VE")
 
 @dataclass(kw_only=True)
 class VEConfig(utils.EngineConfig, ALBEFConfig):
-    train_file: str | list[str]
-    val_file: str | list[str]
-    test_file: str | list[str]
+    train_file: DataFiles
+    val_file: DataFiles
+    test_file: DataFiles
     image_root: str = ""  # folder of the images ('<id>.jpg' for ids without extension)
     batch_size_train: int = 32  # per GPU
     batch_size_test: int = 64
@@ -60,7 +61,7 @@ def main(argv=None) -> ALBEFVE:
     """Fine-tunes (or with --evaluate only scores) VE; returns the unwrapped model."""
     args = parse_args(argv)
     if args.evaluate and not args.checkpoint:
-        raise SystemExit("--evaluate needs --checkpoint")
+        raise utils.ConfigError("--evaluate needs --checkpoint (the weights to evaluate)")
     dist, cfg = utils.setup_task(args, VEConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
@@ -103,4 +104,4 @@ def main(argv=None) -> ALBEFVE:
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -23,6 +23,7 @@ import torch.distributed as tdist
 
 import utils
 from datasets import loaders
+from datasets.base import DataFiles
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
 from datasets.vqa import (
@@ -43,9 +44,9 @@ logger = logging.getLogger("VQA")
 
 @dataclass(kw_only=True)
 class VQAConfig(utils.EngineConfig, VQAModelConfig):
-    train_file: list[str] = field(default_factory=list)
-    test_file: list[str]
-    answer_list: str
+    train_file: DataFiles = field(default_factory=list)
+    test_file: DataFiles
+    answer_list: DataFiles
     vqa_root: str = ""  # prefix of images of entries with dataset 'vqa'
     vg_root: str = ""  # ... and 'vg'
     batch_size_train: int = 32  # per GPU
@@ -149,4 +150,4 @@ def evaluation(model: VQAModel, loader, answers: list[torch.Tensor], cfg: VQACon
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -39,7 +39,9 @@ from torch.utils.data import (
     Dataset,
 )
 
+from datasets.base import AnnotationError, ImageLoadError
 from datasets.loaders import loader_position
+from datasets.shards import ShardError
 from models.albef import CheckpointError, load_checkpoint_file  # noqa: F401 - CheckpointError re-exported
 
 logger = logging.getLogger(__name__)
@@ -259,7 +261,35 @@ def task_parser(doc: str | None, config: str, output_dir: str, *, checkpoint_hel
     if max_steps:
         p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (tests, smoke runs)")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a config, checkpoint or data error")
     return p
+
+
+# A user's mistake, not a bug: the message names the file, key or entry, so the traceback adds nothing.
+USER_ERRORS = (ConfigError, CheckpointError, AnnotationError, ImageLoadError, ShardError)
+
+
+def run_main(main: Callable[[list[str]], typing.Any], argv: list[str] | None = None) -> None:
+    """Every script's entry point: `main(argv)`; a USER_ERRORS exception ends the process with one line,
+    `error: <message>`, on stderr and exit status 2 (argparse's status for bad arguments), its traceback
+    only with `--debug`. Anything else is a bug and keeps its traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def error_line(e: BaseException) -> str:
+    """The message on one line. An error raised in a DataLoader worker arrives with the worker's traceback
+    inside its message; its last line, less the class name, is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 def setup_task(args: argparse.Namespace, schema: type) -> tuple["DistInfo", typing.Any]:

@@ -19,6 +19,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True
 Image.MAX_IMAGE_PIXELS = None
 
 PathLike = str | os.PathLike
+# A config's data-file key (train_file, test_file, answer_list, det_file, ...): one path, or a list of
+# paths read one after the other, whichever the user writes (the original's files use both).
+DataFiles = str | list[str]
 
 
 class AnnotationError(Exception):
@@ -37,7 +40,7 @@ class Annotations:
     """
 
     def __init__(self, ann_files: PathLike | Sequence[PathLike]):
-        files = [ann_files] if isinstance(ann_files, (str, os.PathLike)) else list(ann_files)
+        files = file_list(ann_files)
         if not files:
             raise AnnotationError("no annotation file given")
         self.entries: list[dict] = []
@@ -65,6 +68,11 @@ class Annotations:
         if key not in entry:
             raise AnnotationError(f"{self.where(index)}: missing key {key!r} (has {sorted(entry)})")
         return entry[key]
+
+
+def file_list(files: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    """One path or several, as a list."""
+    return [files] if isinstance(files, (str, os.PathLike)) else list(files)
 
 
 def read_annotation_file(path: PathLike) -> list[dict]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from datasets.base import AnnotationError, Annotations, image_path, open_image
+from datasets.base import AnnotationError, Annotations, PathLike, file_list, image_path, open_image
 from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
 
 SPLITS = ("val", "testA", "testB")
@@ -130,17 +130,20 @@ def load_refer(data_root: str, dataset: str = "refcoco+", split_by: str = "unc")
     return ReferIndex(by_id, boxes, sizes)
 
 
-def load_dets(path: str) -> dict[str, list[list[float]]]:
-    """Detector proposals `{str(image_id): [[x, y, w, h, ...], ...]}`."""
-    try:
-        with open(path) as f:
-            dets = json.load(f)
-    except FileNotFoundError:
-        raise AnnotationError(f"det_file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise AnnotationError(f"det_file {path}: malformed JSON at line {e.lineno}: {e.msg}") from e
-    if not isinstance(dets, dict):
-        raise AnnotationError(f"det_file {path}: expected {{image_id: [[x, y, w, h], ...]}}")
+def load_dets(paths: PathLike | list[PathLike]) -> dict[str, list[list[float]]]:
+    """Detector proposals `{str(image_id): [[x, y, w, h, ...], ...]}`, of one file or several merged."""
+    dets = {}
+    for path in file_list(paths):
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except FileNotFoundError:
+            raise AnnotationError(f"det_file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"det_file {path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+        if not isinstance(part, dict):
+            raise AnnotationError(f"det_file {path}: expected {{image_id: [[x, y, w, h], ...]}}")
+        dets |= part
     return dets
 
 

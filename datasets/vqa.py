@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from datasets.base import AnnotationError, Annotations, PathLike, image_path, open_image
+from datasets.base import AnnotationError, Annotations, PathLike, file_list, image_path, open_image
 from datasets.text import TOKENIZER_SETTINGS, pre_question, tokenize
 
 
@@ -88,15 +88,18 @@ class VQAEvalDataset(VQADataset):
         return all(entry.get("answer") for entry in self.ann.entries)
 
 
-def read_answer_list(path: PathLike) -> list[str]:
-    """The candidate answers: a non-empty JSON list of strings."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            answers = json.load(f)
-    except (OSError, ValueError) as e:
-        raise AnnotationError(f"answer list {os.fspath(path)}: {e}") from e
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise AnnotationError(f"{os.fspath(path)}: expected a non-empty JSON list of answer strings")
+def read_answer_list(paths: PathLike | Sequence[PathLike]) -> list[str]:
+    """The candidate answers: each file a non-empty JSON list of strings, concatenated in order."""
+    answers = []
+    for path in file_list(paths):
+        try:
+            with open(path, encoding="utf-8") as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:
+            raise AnnotationError(f"answer list {os.fspath(path)}: {e}") from e
+        if not isinstance(part, list) or not part or not all(isinstance(a, str) for a in part):
+            raise AnnotationError(f"{os.fspath(path)}: expected a non-empty JSON list of answer strings")
+        answers += part
     return answers
 
 
