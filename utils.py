@@ -563,15 +563,20 @@ class MetricLogger:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write `path.tmp`, then `os.replace` it onto `path`: a crash never leaves a torn checkpoint.
-    Rank 0 only."""
+    """Write `path.tmp`, then `os.replace` it onto `path`: a crash never leaves a torn checkpoint (a failed
+    write removes its temporary file; the previous checkpoint stays). Rank 0 only."""
     if not is_main_process():
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(f"{path}.tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(f"{path}.tmp")
+        raise
     os.replace(f"{path}.tmp", path)
 
 

@@ -1,5 +1,6 @@
 """Unit tests of the shared ALBEF pieces on tiny models (CPU, well under a second each)."""
 
+import dataclasses
 import os
 import socket
 
@@ -17,6 +18,9 @@ from models.albef import (
     negative_weights,
 )
 from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert
+from models.nlvr import ALBEFNLVR
+from models.retrieval import ALBEFRetrieval, RetrievalModelConfig
+from models.ve import ALBEFVE
 from models.vit import build_vit, resize_pos_embed
 
 TINY_BERT = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
@@ -104,6 +108,17 @@ def test_masking_statistics():
     assert torch.equal(masked[~selected], ids[~selected])
 
 
+def test_masking_may_pick_sep_but_never_cls_or_pad():
+    """ALBEF parity: only [CLS] and [PAD] are excluded; [SEP] (102) is a candidate like any word."""
+    ids = torch.tensor([[101, 110, 111, 102, 0, 0], [101, 112, 102, 113, 102, 0]])
+    every = {"select": torch.ones_like(ids, dtype=torch.bool), "to_mask_token": torch.ones_like(ids, dtype=torch.bool),
+             "to_random": torch.zeros_like(ids, dtype=torch.bool), "random_words": torch.zeros_like(ids)}
+    masked, labels = apply_mlm_mask(ids, every, TINY_BERT)
+    real = (ids != 0) & (ids != 101)
+    assert torch.equal(labels, ids.masked_fill(~real, -100)) and (labels == 102).sum() == 3
+    assert torch.equal(masked, ids.masked_fill(real, 103))
+
+
 # ---------------------------------------------------------------------------------- hard negatives
 
 
@@ -140,6 +155,28 @@ def test_forward_with_image_ids_excludes_same_image_pairs(monkeypatch):
         assert w[0, 1] == 0 and w[1, 0] == 0 and (w.diagonal() == 0).all()
 
 
+@pytest.mark.parametrize("image_ids", [None, torch.tensor([3, 1, 0, 2])])
+@pytest.mark.parametrize("model_cls", [ALBEF, ALBEFRetrieval])
+def test_hard_negatives_never_pick_the_positive_when_every_image_differs(model_cls, image_ids, monkeypatch):
+    model = tiny(model_cls)
+    image, ids, mask = tiny_batch()
+    seen = {}
+
+    def record(w_t2i, w_i2t):
+        seen.update(t2i=w_t2i, i2t=w_i2t)
+        return torch.multinomial(w_t2i, 1).squeeze(1), torch.multinomial(w_i2t, 1).squeeze(1)
+
+    monkeypatch.setattr(model, "sample_negatives", record)
+    if model_cls is ALBEF:
+        model(image, ids, mask, alpha=0.4, image_ids=image_ids)
+    else:
+        model(image, ids, mask, alpha=0.4, idx=torch.arange(4) if image_ids is None else image_ids)
+    for w in seen.values():
+        assert (w.diagonal() == 0).all() and (w.sum(1) > 0).all()
+        draws = torch.multinomial(w, 500, replacement=True)
+        assert not (draws == torch.arange(4)[:, None]).any()
+
+
 # ------------------------------------------------------------------------------- ITC targets, temp
 
 
@@ -154,10 +191,11 @@ def test_alpha_weighted_targets_and_temperature_clamp():
     eye = torch.zeros(B, B + Q)
     eye[:, :B] = torch.eye(B)
     assert torch.equal(out["sim_i2t_targets"], eye)  # alpha 0: one-hot
-    out = tiny_model()(image, ids, mask, alpha=0.4, return_outputs=True)
-    expected = 0.4 * out["sim_i2t_m"].softmax(1) + 0.6 * eye
-    assert torch.allclose(out["sim_i2t_targets"], expected, atol=1e-6)
-    assert torch.allclose(out["sim_i2t_targets"].sum(1), torch.ones(B), atol=1e-6)
+    out = tiny_model()(image, ids, mask, alpha=0.3, return_outputs=True)
+    for d in ("i2t", "t2i"):  # both directions: alpha on the momentum softmax, 1 - alpha on the one-hot
+        expected = 0.3 * out[f"sim_{d}_m"].softmax(1) + 0.7 * eye
+        assert torch.allclose(out[f"sim_{d}_targets"], expected, atol=1e-6), d
+        assert torch.allclose(out[f"sim_{d}_targets"].sum(1), torch.ones(B), atol=1e-6)
     with torch.no_grad():
         model.temp.fill_(1e-5)
     model(image, ids, mask)
@@ -171,6 +209,77 @@ def test_losses_backprop_only_into_online_parameters():
     assert all(p.grad is None for n, p in model.named_parameters() if n.split(".")[0].endswith("_m"))
     assert model.text_encoder.bert.encoder.layer[-1].crossattention.self.query.weight.grad is not None
     assert model.temp.grad is not None
+
+
+def test_retrieval_targets_mix_alpha_in_both_directions():
+    image, ids, mask = tiny_batch()
+    idx = torch.tensor([5, 6, 5, 7])
+    model = tiny(ALBEFRetrieval)
+    out = model(image, ids, mask, alpha=0.3, idx=idx, return_outputs=True)
+    for d in ("i2t", "t2i"):
+        expected = 0.3 * out[f"sim_{d}_m"].softmax(1) + 0.7 * out["sim_targets"]
+        assert torch.allclose(out[f"sim_{d}_targets"], expected, atol=1e-6), d
+
+
+def tiny(model_cls):
+    """A tiny model of any family (eval mode: no dropout)."""
+    torch.manual_seed(0)
+    if model_cls is ALBEFRetrieval:
+        return ALBEFRetrieval(RetrievalModelConfig(**dataclasses.asdict(tiny_cfg())), TINY_BERT).eval()
+    return model_cls(tiny_cfg(), TINY_BERT).eval()
+
+
+def run_training_forward(model) -> None:
+    image, ids, mask = tiny_batch()
+    if isinstance(model, ALBEF):
+        model(image, ids, mask, alpha=0.4)
+    elif isinstance(model, ALBEFRetrieval):
+        model(image, ids, mask, alpha=0.4, idx=torch.arange(4))
+    elif isinstance(model, ALBEFNLVR):
+        model(torch.cat([image, image.flip(0)]), ids, mask, torch.tensor([0, 1, 1, 0]), alpha=0.4)
+    else:
+        model(image, ids, mask, torch.tensor([0, 1, 2, 0]), alpha=0.4)
+
+
+@pytest.mark.parametrize("model_cls", [ALBEF, ALBEFRetrieval, ALBEFNLVR, ALBEFVE])
+def test_the_training_forward_runs_the_momentum_update(model_cls):
+    """Every twin moves to m * twin + (1 - m) * online inside forward (the online weights made to differ)."""
+    model = tiny(model_cls)
+    online, twins = model.momentum_pairs()
+    with torch.no_grad():
+        for p in online:
+            p.add_(torch.randn_like(p))
+    expected = [0.995 * t + 0.005 * p for p, t in zip(online, twins)]  # every config here: momentum 0.995
+    run_training_forward(model)
+    assert len(twins) > 0
+    for t, e in zip(twins, expected):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-6)
+
+
+def test_bert_layer_norms_use_layer_norm_eps():
+    """Every LayerNorm of the text side (embeddings, layers, MLM head) computes with the config's eps:
+    each one runs in a training forward and its output is layer_norm(input, eps) for an eps far from the
+    default, where a hard-coded 1e-12 would be visibly off."""
+    bert = dataclasses.replace(TINY_BERT, layer_norm_eps=0.5)
+    torch.manual_seed(0)
+    model = ALBEF(tiny_cfg(), bert).eval()
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
+             and n.startswith("text_encoder.")}
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen.setdefault(name, (args[0], out))  # the first call (a hook returning a value replaces the output)
+        return hook
+
+    for name, module in norms.items():
+        module.register_forward_hook(record(name))
+    model(*tiny_batch(), alpha=0.4)
+    assert set(seen) == set(norms)
+    for name, (x, out) in seen.items():
+        m = norms[name]
+        assert m.eps == 0.5, name
+        torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, m.normalized_shape, m.weight, m.bias, 0.5))
 
 
 def test_momentum_update_is_ema():

@@ -121,9 +121,13 @@ def test_config_unknown_key_names_closest_and_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         utils.load_config(str(path), None, ToyTaskConfig)
     assert "batch_sise" in str(e.value) and "'batch_size'" in str(e.value) and str(path) in str(e.value)
-    path.write_text(YAML_TEXT.replace("warmup_steps: 2000", "warmup_epochs: 20"))
+    path.write_text(YAML_TEXT.replace("warmup_steps: 2000", "warmup_step: 2000"))
     with pytest.raises(ConfigError, match=r"schedular\.warmup_steps"):
         utils.load_config(str(path), None, ToyTaskConfig)
+    path.write_text(YAML_TEXT.replace("warmup_steps: 2000", "warmup_epochs: 20"))  # the original's key ...
+    with pytest.raises(ConfigError, match="set schedule: original"):  # ... belongs to the original schedule
+        utils.load_config(str(path), None, ToyTaskConfig)
+    assert utils.load_config(str(path), ["schedular.schedule=original"], ToyTaskConfig)[0].schedular.warmup_epochs == 20
     path.write_text(YAML_TEXT)
     with pytest.raises(ConfigError) as e:
         utils.load_config(str(path), ["optimizer.lrr=1"], ToyTaskConfig)
@@ -229,6 +233,23 @@ def test_engine_sets_the_original_lr_every_step(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- checkpoints
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_last.pth"
+    utils.save_checkpoint(str(path), {"step": 1, "w": torch.ones(3)})
+
+    def torn(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="No space left"):
+        utils.save_checkpoint(str(path), {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = utils.load_checkpoint(str(path))
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint_last.pth"]  # the torn temporary file removed
 
 
 def test_checkpoint_atomic_and_weights_only(tmp_path):
@@ -379,8 +400,48 @@ def test_bf16_autocast_on_cpu_and_clipping(tmp_path, caplog):
     model, stats = _run(tmp_path, epochs=1, engine=EngineConfig(num_workers=0, amp="bf16", grad_clip=0.5))
     assert model.last_dtype == torch.bfloat16 and np.isfinite(stats["loss_mse"]) and "grad_norm" in stats
     assert any("Train Epoch: [0]" in r.message and "eta:" in r.message for r in caplog.records)
-    fp32, _ = _run(tmp_path, epochs=1, engine=EngineConfig(num_workers=0, amp="auto"))
-    assert fp32.last_dtype == torch.float32  # auto is fp32 on CPU
+    for amp in ("auto", "fp32"):  # auto is fp32 on CPU
+        fp32, _ = _run(tmp_path, epochs=1, engine=EngineConfig(num_workers=0, amp=amp))
+        assert fp32.last_dtype == torch.float32, amp
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_autocast_only_for_bf16_and_auto_on_cuda(device):
+    """fp32 never autocasts, on CUDA either (checked without a GPU: the context itself, not its effect)."""
+    import warnings
+
+    dev = torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.autocast("cuda") on a machine without CUDA warns
+        contexts = {amp: utils.autocast_context(amp, dev) for amp in ("fp32", "auto", "bf16")}
+    on = {"bf16", "auto"} if device == "cuda" else {"bf16"}
+    for amp, ctx in contexts.items():
+        assert isinstance(ctx, torch.autocast) == (amp in on), amp
+        if amp in on:
+            assert ctx.device == device and ctx.fast_dtype == torch.bfloat16
+
+
+def _fit(out: Path, *, seed: int = 0, max_steps: int | None = None, resume: str | None = None) -> nn.Module:
+    """`utils.fit` on the toy task: 2 epochs of 8 steps, dropout on."""
+    cfg = ToyTaskConfig(train_file=[], num_workers=0, print_freq=100, optimizer=OptimizerConfig(lr=0.05),
+                        schedular=_sched(epochs=2))
+    dist = utils.DistInfo()
+    utils.seed_everything(seed)
+    model = ToyModel(dropout=0.3)
+    opt = utils.build_optimizer(model, cfg.optimizer)
+    loader = loaders.build_loader(NoisyDataset(32), 4, shuffle=True, drop_last=True, num_workers=0, dist=dist,
+                                  seed=cfg.seed)
+    utils.fit(model, opt, loader, cfg=cfg, dist=dist, output_dir=str(out), resume=resume, max_steps=max_steps)
+    return model
+
+
+def test_fit_resumes_on_the_same_trajectory(tmp_path):
+    """Stopped mid-epoch, resumed through `fit` under another seed: the RNG (dropout) comes back from the
+    checkpoint, so the weights end where an uninterrupted run ends."""
+    straight = _fit(tmp_path / "a")
+    _fit(tmp_path / "b", max_steps=5)
+    resumed = _fit(tmp_path / "b", seed=99, resume=str(tmp_path / "b" / "checkpoint_last.pth"))
+    torch.testing.assert_close(_params(resumed), _params(straight), rtol=0, atol=1e-6)
 
 
 class FakeWriter:
