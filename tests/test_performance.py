@@ -102,7 +102,8 @@ def test_time_split_by_part_covers_the_steps():
 
 def test_bf16_autocast_stays_near_fp32_on_the_pretrain_fixture(ref_dir, monkeypatch):
     """The fixture's losses under bf16 autocast, with the recorded masks and negatives, against fp32:
-    within a few bf16 roundings (bf16 keeps 8 bits of mantissa, eps 2^-7 = 0.0078)."""
+    within a few bf16 roundings (bf16 keeps 8 bits of mantissa, eps 2^-7 = 0.0078). Sizes, inputs and
+    draws all come from the fixture set."""
     cfg, sd, inputs, _ = load_case("pretrain")
     losses = {}
     for amp in ("fp32", "bf16"):

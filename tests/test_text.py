@@ -1,5 +1,6 @@
 """Text normalisation and tokenisation against the original's outputs (text_preprocessing.json,
-tokenizer.json of the reference fixtures, real bert-base-uncased vocabulary)."""
+tokenizer.json of the reference fixtures, real bert-base-uncased vocabulary). Cases, settings and
+expected outputs all come from the fixture set (ALBEF_REF_DIR or tests/fixtures/albef_ref)."""
 
 import hashlib
 import json
