@@ -184,7 +184,7 @@ def test_gradients_of_each_loss_at_step_1(run, monkeypatch):
 
 
 def test_state_dict_after_the_run(run):
-    *_, inputs, outputs, _, optimizer, rec = run
+    *_, outputs, _, optimizer, rec = run
     ref, ours = outputs["state_dict_after"], rec["state_dict_after"]
     assert sorted(ours) == sorted(ref)
     reach = adamw_reach(optimizer.defaults["betas"], [max(lrs) for lrs in outputs["lr"]])
