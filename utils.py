@@ -13,12 +13,16 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import errno
 import json
 import logging
 import math
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 import types
 import typing
@@ -40,9 +44,15 @@ from torch.utils.data import (
 )
 
 from datasets.base import AnnotationError, ImageLoadError
-from datasets.loaders import loader_position
+from datasets.loaders import SKIPPED, loader_position
 from datasets.shards import ShardError
-from models.albef import CheckpointError, load_checkpoint_file  # noqa: F401 - CheckpointError re-exported
+from models.albef import (  # noqa: F401 - CheckpointError re-exported
+    CheckpointError,
+    adapt_pos_embed,
+    load_checkpoint_file,
+    load_state_dict_strict,
+)
+from models.checkpoint import ChecksumError, verify_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +62,10 @@ logger = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A config file or an `--opts` override that does not fit the task's schema."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or the gradient norm is not finite: training stops before saving anything from that state."""
 
 
 @dataclass(kw_only=True)
@@ -131,6 +145,9 @@ class EngineConfig:
             raise ValueError("need accum_steps, print_freq >= 1 and save_every_steps, num_workers >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        for f in dataclasses.fields(self):  # every task's batch sizes (batch_size, batch_size_train, ...)
+            if "batch_size" in f.name and isinstance(size := getattr(self, f.name), int) and size < 1:
+                raise ValueError(f"{f.name} must be >= 1, got {size}")
         if (parent := getattr(super(), "__post_init__", None)) is not None:
             parent()
 
@@ -165,7 +182,11 @@ def load_config(path: str, opts: list[str] | None, schema: type) -> tuple[typing
             node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--opts {opt!r}: '{'.'.join(parts[:i + 1])}' in {path} is not a section")
-        node[parts[-1]] = YAML(typ="safe", pure=True).load(text)
+        try:
+            node[parts[-1]] = YAML(typ="safe", pure=True).load(text)
+        except YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--opts {opt!r}: the value is not valid YAML: {problem}") from e
         from_opts.add(".".join(parts))
     return _build(schema, doc, "", (path, from_opts)), doc
 
@@ -188,7 +209,7 @@ def _build(schema: type, data: Mapping, prefix: str, ctx: tuple[str, set[str]]):
     fields, hints = {f.name: f for f in dataclasses.fields(schema) if f.init}, typing.get_type_hints(schema)
     for key in map(str, data):
         if key not in fields:
-            where = f"--opts (config file {path})" if prefix + key in from_opts else path
+            where = _source(ctx, [prefix + key])
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}' in {where}; {hint}")
@@ -201,7 +222,16 @@ def _build(schema: type, data: Mapping, prefix: str, ctx: tuple[str, set[str]]):
     try:
         return schema(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: invalid {'section ' + prefix[:-1] if prefix else 'config'}: {e}") from e
+        named = [prefix + k for k in fields if prefix + k in from_opts and k in str(e)]
+        raise ConfigError(f"{_source(ctx, named)}: invalid {'section ' + prefix[:-1] if prefix else 'config'}: "
+                          f"{e}") from e
+
+
+def _source(ctx: tuple[str, set[str]], keys: list[str]) -> str:
+    """Where the values of `keys` came from: the config file, or `--opts` when one of them was set there."""
+    path, from_opts = ctx
+    named = [k for k in keys if any(k == o or k.startswith((o + ".", o + "[")) for o in from_opts)]
+    return f"--opts {', '.join(named)} (config file {path})" if named else path
 
 
 _SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
@@ -229,7 +259,7 @@ def _coerce(value, tp, key: str, ctx: tuple[str, set[str]]):
     elif tp is typing.Any or (origin is typing.Literal and value in args):
         return _plain(value)
     name = getattr(tp, "__name__", None) or str(tp)
-    raise ConfigError(f"{ctx[0]}: '{key}' expects {name}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{_source(ctx, [key])}: '{key}' expects {name}, got {type(value).__name__} {value!r}")
 
 
 def _plain(value):
@@ -266,16 +296,21 @@ def task_parser(doc: str | None, config: str, output_dir: str, *, checkpoint_hel
 
 
 # A user's mistake, not a bug: the message names the file, key or entry, so the traceback adds nothing.
-USER_ERRORS = (ConfigError, CheckpointError, AnnotationError, ImageLoadError, ShardError)
+USER_ERRORS = (ConfigError, CheckpointError, ChecksumError, AnnotationError, ImageLoadError, ShardError,
+               TrainingDiverged)
 
 
 def run_main(main: Callable[[list[str]], typing.Any], argv: list[str] | None = None) -> None:
     """Every script's entry point: `main(argv)`; a USER_ERRORS exception ends the process with one line,
     `error: <message>`, on stderr and exit status 2 (argparse's status for bad arguments), its traceback
-    only with `--debug`. Anything else is a bug and keeps its traceback."""
+    only with `--debug`; a handled stop signal (Preempted) with its line and PREEMPTED_STATUS. Anything
+    else is a bug and keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         main(argv)
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_STATUS)
     except USER_ERRORS as e:
         if "--debug" in argv:
             raise
@@ -490,6 +525,7 @@ def append_log(output_dir: str, stats: dict) -> None:
     """One JSON line in `output_dir/log.txt`, the original's `{"train_lr": .., ..., "epoch": e}` (numbers
     where it wrote "%.3f" strings); rank 0 only."""
     if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(stats) + "\n")
 
@@ -528,11 +564,15 @@ class MetricLogger:
         floats = {k: float(v) for k, v in values.items() if k not in tensors}
         self.pending.append((step, floats, list(tensors), torch.stack(list(tensors.values())) if tensors else None))
 
-    def flush(self, tb=None) -> None:
+    def flush(self, tb=None) -> list[tuple[int, dict[str, float]]]:
+        """Read the buffered values back (one transfer) into the meters and TensorBoard; returns them,
+        (step, {name: value}) per step."""
         rows = [r for *_, r in self.pending if r is not None]
         flat = iter(torch.cat([r.to(rows[0].device) for r in rows]).tolist() if rows else [])  # the one sync
+        flushed = []
         for step, floats, keys, _ in self.pending:
             values = floats | dict(zip(keys, flat))  # zip stops at the end of keys: flat stays aligned
+            flushed.append((step, values))
             for k, v in values.items():
                 if k not in self.meters:
                     fmt = "{value:.6f}" if k == "lr" else "{median:.4f} ({global_avg:.4f})"
@@ -541,6 +581,7 @@ class MetricLogger:
                 if tb is not None:
                     tb.add_scalar(f"train/{k}", v, step)
         self.pending.clear()
+        return flushed
 
     def synchronize(self, device: torch.device) -> None:
         """Sum counts and totals over ranks (collective; the windows stay local)."""
@@ -564,27 +605,87 @@ class MetricLogger:
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Write `path.tmp`, then `os.replace` it onto `path`: a crash never leaves a torn checkpoint (a failed
-    write removes its temporary file; the previous checkpoint stays). Rank 0 only."""
+    write removes its temporary file; the previous checkpoint stays; a full disk is a CheckpointError
+    saying so). Weights that are not finite are never saved (TrainingDiverged). Rank 0 only."""
     if not is_main_process():
         return
+    if isinstance(state.get("model"), dict):
+        check_finite_weights(state["model"], path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         with open(f"{path}.tmp", "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(f"{path}.tmp")
+        if isinstance(e, Exception) and out_of_space(e, path, need := tensor_bytes(state)):
+            raise CheckpointError(f"no space left on device: needs about {need / 2**30:.2f} GB at {path} "
+                                  f"({shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30:.2f} "
+                                  "GB free)") from e
         raise
     os.replace(f"{path}.tmp", path)
 
 
+def check_finite_weights(state_dict: dict, path: str) -> None:
+    """TrainingDiverged when a floating tensor of `state_dict` holds NaN or Inf (one host sync)."""
+    names = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    finite = torch.stack([state_dict[k].isfinite().all() for k in names]).tolist() if names else []
+    bad = [k for k, ok in zip(names, finite) if not ok]
+    if bad:
+        raise TrainingDiverged(f"{len(bad)} weight tensors are not finite ({', '.join(bad[:3])}, ...): not saving "
+                               f"{path}; lower the lr (optimizer.lr, schedular.lr) or set grad_clip")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in nested dicts and lists (about a checkpoint's size)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(tensor_bytes, obj.values()))
+    return sum(map(tensor_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
+
+
+def out_of_space(error: BaseException, path: str, need: int) -> bool:
+    """Whether a failed write of `need` bytes at `path` ran out of disk: ENOSPC in the error or what caused
+    it (torch.save reports it as a RuntimeError of its zip writer), or less free space than needed."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < need
+    return False
+
+
+def remove_stale_tmp(output_dir: str) -> None:
+    """Delete the `*.pth.tmp` files a killed save left in `output_dir` (rank 0), and say so."""
+    if is_main_process() and os.path.isdir(output_dir):
+        for name in sorted(n for n in os.listdir(output_dir) if n.endswith(".pth.tmp")):
+            os.remove(os.path.join(output_dir, name))
+            logger.info("removed %s, left by an interrupted save", os.path.join(output_dir, name))
+
+
 def load_checkpoint(path: str) -> dict:
-    """`torch.load(weights_only=True)` onto the CPU; errors (CheckpointError) name the file."""
+    """`torch.load(weights_only=True)` onto the CPU after verifying the file's checksums; errors
+    (CheckpointError, ChecksumError) name the file."""
+    if os.path.isfile(path):
+        verify_checksums(path)
     state = load_checkpoint_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(state).__name__}")
+    return state
+
+
+def load_resume_state(path: str) -> dict:
+    """`load_checkpoint` of a checkpoint that carries a run's training state (`--resume`)."""
+    state = load_checkpoint(path)
+    if not {"model", "optimizer", "epoch"} <= state.keys():
+        raise CheckpointError(f"{path} holds no training state (keys: {', '.join(sorted(map(str, state))[:6])}): "
+                              "only checkpoint_last.pth and checkpoint_XX.pth carry it; use --checkpoint to start "
+                              "from these weights")
     return state
 
 
@@ -660,8 +761,17 @@ def resume_position(state: dict, steps_per_epoch: int, samples_per_step: int | N
 
 
 def steps_per_epoch(loader: DataLoader, accum_steps: int) -> int:
-    """Optimizer steps in one epoch of `loader`; a last incomplete accumulation group is not run."""
-    return (getattr(loader_position(loader), "num_batches", None) or len(loader)) // accum_steps
+    """Optimizer steps in one epoch of `loader`; a last incomplete accumulation group is not run.
+    None is a ConfigError: a run that trains nothing must not report success."""
+    position = loader_position(loader)
+    batches = getattr(position, "num_batches", None) or len(loader)
+    if batches < accum_steps:
+        samples = getattr(position, "num_samples", None) or getattr(loader.dataset, "__len__", lambda: "?")()
+        per_rank = getattr(position, "batch_size", None) or loader.batch_size
+        raise ConfigError(f"0 optimizer steps per epoch: {samples} samples make {batches} batches of {per_rank} per "
+                          f"rank (incomplete batches dropped), fewer than accum_steps {accum_steps}; lower the batch "
+                          "size or accum_steps, or use more data")
+    return batches // accum_steps
 
 
 def first_epoch_ramp(epoch: int, step_in_epoch: int, steps_per_epoch: int, warm_up: bool = True) -> float:
@@ -693,14 +803,16 @@ def to_device(obj, device: torch.device):
     return obj.to(device) if callable(getattr(obj, "to", None)) else obj
 
 
-def _accumulate(model: nn.Module, batches, micro: int, extra: dict, amp: str, device) -> tuple[dict, int]:
-    """Forward and backward of `micro` batches: the outputs averaged over them, and the sample count.
-    Under DDP, gradients are all-reduced on the last batch only (`no_sync` before it)."""
+def _accumulate(model: nn.Module, batches, micro: int, extra: dict, amp: str, device) -> tuple[dict, int, int]:
+    """Forward and backward of `micro` batches: the outputs averaged over them, the sample count and
+    the samples the loader skipped to make them. Under DDP, gradients are all-reduced on the last batch
+    only (`no_sync` before it)."""
     sums: dict[str, torch.Tensor] = {}
-    samples = 0
+    samples = skipped = 0
     for m in range(micro):
         if (batch := next(batches, None)) is None:
             raise RuntimeError("the loader ran out of batches before the epoch's last step")
+        skipped += int(batch.pop(SKIPPED, 0)) if isinstance(batch, dict) else 0
         batch = to_device(batch, device)
         samples += next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim), 0)
         with model.no_sync() if isinstance(model, DDP) and m < micro - 1 else contextlib.nullcontext():
@@ -715,7 +827,7 @@ def _accumulate(model: nn.Module, batches, micro: int, extra: dict, amp: str, de
             if v.numel() != 1:
                 raise ValueError(f"forward output '{k}' must be a scalar, has shape {tuple(v.shape)}")
             sums[k] = sums[k] + v / micro if k in sums else v / micro
-    return sums, samples
+    return sums, samples, skipped
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, epoch: int,
@@ -730,7 +842,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     `cfg.amp`; clipping to `cfg.grad_clip`; the optimizer step; then `on_step(steps done in all, steps
     done in this epoch)`, the values a checkpoint stores. Every output key is logged. Every rank runs
     the same number of forwards (ALBEF updates its queues inside forward). Returns this call's
-    averages over all ranks, keyed like the outputs plus `lr` (and `grad_norm` with clipping).
+    averages over all ranks, keyed like the outputs plus `lr` (and `grad_norm` with clipping), and
+    `skipped`, the unreadable samples the loaders skipped on all ranks, when there were any.
+    Losses and the clipping norm stay on the device; they are read back (one transfer) at each progress
+    line, at the epoch's end and before each `save_every_steps` save, and a non-finite one stops
+    training there (TrainingDiverged) before anything is saved from that state.
     """
     model.train()
     micro, sampler = cfg.accum_steps, loader_position(loader)
@@ -745,20 +861,22 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     metrics, data_time, header = MetricLogger(), SmoothedValue(), f"Train Epoch: [{epoch}]"
     batches, params = _timed(iter(loader), data_time), [p for p in model.parameters() if p.requires_grad]
     start_time = window_time = time.perf_counter()
-    window_samples = 0
+    window_samples = skipped = 0
     for i in range(start_step_in_epoch, steps_per_epoch):
         step = epoch * steps_per_epoch + i
         set_lr(optimizer, lr := lr_at(epoch, i, steps_per_epoch, sched))
         extra = forward_kwargs(epoch, i) if forward_kwargs else {}
-        out, samples = _accumulate(model, batches, micro, extra, cfg.amp, dist.device)
+        out, samples, skips = _accumulate(model, batches, micro, extra, cfg.amp, dist.device)
         if cfg.grad_clip is not None:
             out["grad_norm"] = nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         metrics.update(step, lr=lr, **{k: v for k, v in extra.items() if isinstance(v, float)}, **out)
-        window_samples += samples
+        window_samples, skipped = window_samples + samples, skipped + skips
+        if cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0:
+            check_finite(metrics.flush(tb), epoch, steps_per_epoch)  # nothing non-finite reaches a save
         if (i - start_step_in_epoch) % cfg.print_freq == 0 or i == steps_per_epoch - 1:
-            metrics.flush(tb)
+            check_finite(metrics.flush(tb), epoch, steps_per_epoch)
             now = time.perf_counter()
             if tb is not None:
                 tb.add_scalar("train/throughput", window_samples * dist.world_size / max(now - window_time, 1e-9), step)
@@ -772,14 +890,86 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             logger.info(metrics.delimiter.join(parts))
         if on_step is not None:
             on_step(step + 1, i + 1)
-    metrics.flush(tb)
+    check_finite(metrics.flush(tb), epoch, steps_per_epoch)
     metrics.synchronize(dist.device)
-    logger.info("Averaged stats: %s", "  ".join(f"{k}: {v:.4f}" for k, v in metrics.global_avg().items()))
-    return metrics.global_avg()
+    stats = metrics.global_avg()
+    if skipped := int(sum_over_ranks(skipped, dist.device)):
+        logger.warning("epoch %d: %d unreadable samples skipped (all ranks)", epoch, skipped)
+        stats["skipped"] = skipped
+    logger.info("Averaged stats: %s", "  ".join(f"{k}: {v:.4f}" for k, v in stats.items()))
+    return stats
+
+
+def check_finite(rows: list[tuple[int, dict[str, float]]], epoch: int, steps_per_epoch: int) -> None:
+    """TrainingDiverged naming the first step of `rows` (MetricLogger.flush's) whose losses or gradient
+    norm are not finite, with the epoch, the step and each value."""
+    for step, values in rows:
+        watched = {k: v for k, v in values.items() if k.startswith("loss") or k == "grad_norm"}
+        if not all(map(math.isfinite, watched.values())):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in watched.items())
+            what = "loss" if not all(math.isfinite(v) for k, v in watched.items() if k != "grad_norm") else "gradient"
+            raise TrainingDiverged(f"non-finite {what} at epoch {epoch} step {step - epoch * steps_per_epoch} "
+                                   f"(optimizer step {step} of the run): {shown}; nothing was saved from this "
+                                   "state; lower the lr (optimizer.lr, schedular.lr) or set grad_clip")
+
+
+def sum_over_ranks(value: int | float, device: torch.device) -> float:
+    """`value` summed over all ranks (collective; the value itself on one process)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return t.item()
 
 
 class StopTraining(Exception):
     """Raised from an `on_step` hook to end training early (`--max_steps`)."""
+
+
+class Preempted(Exception):
+    """A stop signal was handled: training stopped after a step with `checkpoint_last.pth` saved at that
+    exact position. `run_main` exits with PREEMPTED_STATUS."""
+
+
+PREEMPTED_STATUS = 3  # exit status after a handled stop signal: not a failure (1, 2), not done (0)
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 (what clusters send before they kill a job) and SIGINT turn into a request to stop
+    after the current step, while the context is active (main thread only). A second SIGINT interrupts
+    at once. `received()` is the signal to stop on, the same on every rank: with several ranks, one
+    all-reduce of a CPU flag on a gloo group (no device sync) at every call, a collective."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.old, self.group = 0, {}, None
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            self.group = tdist.new_group(backend="gloo")  # collective
+        return self
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum == signal.SIGINT == signum:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        logger.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+    def received(self) -> int:
+        if self.group is None:
+            return self.signum
+        flag = torch.tensor([self.signum])
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        if self.group is not None:
+            tdist.destroy_process_group(self.group)
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, cfg, dist: DistInfo,
@@ -791,34 +981,29 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
 
     `resume`: a checkpoint_last.pth of this run (weights, optimizer, position, RNG, best score), also
     one written by another number of processes (placed by samples, see `resume_position`; ranks the
-    file has no RNG state for keep their own seed).
-    Each epoch: `train_one_epoch`, then `evaluate(epoch)` (if given), `checkpoint_last.pth` (resumable,
-    also every `save_every_steps`), `checkpoint_XX.pth` with `keep_every_epoch` (the original's
-    pretraining habit), `checkpoint_best.pth` (weights) when `stats[select]` improves, one log.txt line.
-    `max_steps` stops after that many optimizer steps, with the same evaluation and saving.
-    `tb` is the script's TensorBoard writer (from `build_tb_writer`; the script closes it).
+    file has no RNG state for keep their own seed). A finished run is said so and left alone.
+    Each epoch: `train_one_epoch`, then `evaluate(epoch)` (if given), `checkpoint_best.pth` (weights) when
+    `stats[select]` improves, `checkpoint_XX.pth` with `keep_every_epoch` (the original's pretraining
+    habit), one log.txt line, and last `checkpoint_last.pth` (resumable, also every `save_every_steps`),
+    which marks the epoch done: a kill between these saves loses nothing. `max_steps` stops after that
+    many optimizer steps, with the same evaluation and saving. A stop signal (StopSignals) stops after the
+    current step with checkpoint_last.pth at that position (at an epoch's last step: after the epoch's
+    saves) and raises Preempted. `tb` is the script's TensorBoard writer (the script closes it).
     Returns the last epoch's log line.
     """
-    from models.albef import (
-        load_model_checkpoint,  # models is a sibling package; keep utils light to import
-    )
-
     steps_per_epoch_ = steps_per_epoch(loader, cfg.accum_steps)
     batch_size = getattr(loader_position(loader), "batch_size", None) or loader.batch_size
     samples_per_step = batch_size * cfg.accum_steps * dist.world_size if batch_size else None
+    remove_stale_tmp(output_dir)
     start_epoch, start_step, best = 0, 0, float("-inf")
     if resume:
-        state = load_model_checkpoint(model, resume)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = resume_position(state, steps_per_epoch_, samples_per_step)
-        if state.get("world_size", dist.world_size) != dist.world_size:
-            logger.warning("%s was written by %d processes, resuming on %d: placed by samples done in the epoch "
-                           "(%s per step then, %s now)", resume, state["world_size"], dist.world_size,
-                           state.get("samples_per_step"), samples_per_step)
-        best = state.get("best", best)
-        if "rng" in state:
-            restore_rng(state["rng"])
-        logger.info("resuming %s at epoch %d step %d", resume, start_epoch, start_step)
+        start_epoch, start_step, best = resume_training(model, optimizer, resume, steps_per_epoch_,
+                                                        samples_per_step, dist)
+        done = start_epoch * steps_per_epoch_ + start_step
+        if start_epoch >= cfg.schedular.epochs or (max_steps is not None and done >= max_steps):
+            logger.warning("%s is a finished run (%d steps done, epochs %d%s): nothing to train", resume, done,
+                           cfg.schedular.epochs, f", --max_steps {max_steps}" if max_steps is not None else "")
+            return {}
     ddp_model = wrap_ddp(model, dist, **(ddp_kwargs or {}))
     epoch, log = start_epoch, {}
 
@@ -828,37 +1013,63 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
         save_checkpoint(os.path.join(output_dir, name), state)
 
     def on_step(step: int, step_in_epoch: int) -> None:
+        if step_in_epoch < steps_per_epoch_ and (signum := stop.received()):
+            save("checkpoint_last.pth", step, step_in_epoch)
+            raise Preempted(f"stopped by {signal.Signals(signum).name} at epoch {epoch} step {step_in_epoch}: "
+                            f"{os.path.join(output_dir, 'checkpoint_last.pth')} holds the position; --resume it")
         if cfg.save_every_steps and step % cfg.save_every_steps == 0:
             save("checkpoint_last.pth", step, step_in_epoch)
         if max_steps is not None and step >= max_steps and step_in_epoch < steps_per_epoch_:
             raise StopTraining  # at an epoch's end the epoch finishes normally
 
-    for epoch in range(start_epoch, cfg.schedular.epochs):
-        done = steps_per_epoch_
-        try:
-            train_stats = train_one_epoch(
-                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch_,
-                start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
-                dist=dist, tb=tb, forward_kwargs=forward_kwargs, on_step=on_step)
-        except StopTraining:
-            done, train_stats = max_steps - epoch * steps_per_epoch_, {}
-            logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
-        stats = evaluate(epoch) if evaluate else {}
-        if select is not None and stats[select] > best:
-            best = stats[select]
-            save_checkpoint(os.path.join(output_dir, "checkpoint_best.pth"),
-                            {"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": epoch, select: best})
-        step = epoch * steps_per_epoch_ + done
-        save("checkpoint_last.pth", step, done)
-        if keep_every_epoch and done == steps_per_epoch_:
-            save(f"checkpoint_{epoch:02d}.pth", step, done)
-        log = {f"train_{k}": v for k, v in train_stats.items()} | stats | {"epoch": epoch}
-        append_log(output_dir, log)
-        if max_steps is not None and step >= max_steps:
-            break
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, cfg.schedular.epochs):
+            done = steps_per_epoch_
+            try:
+                train_stats = train_one_epoch(
+                    ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch_,
+                    start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
+                    dist=dist, tb=tb, forward_kwargs=forward_kwargs, on_step=on_step)
+            except StopTraining:
+                done, train_stats = max_steps - epoch * steps_per_epoch_, {}
+                logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
+            stats = evaluate(epoch) if evaluate else {}
+            if select is not None and stats[select] > best:
+                best = stats[select]
+                save_checkpoint(os.path.join(output_dir, "checkpoint_best.pth"), {
+                    "model": model.state_dict(), "config": config_to_dict(cfg), "epoch": epoch, select: best})
+            step = epoch * steps_per_epoch_ + done
+            if keep_every_epoch and done == steps_per_epoch_:
+                save(f"checkpoint_{epoch:02d}.pth", step, done)
+            log = {f"train_{k}": v for k, v in train_stats.items()} | stats | {"epoch": epoch}
+            append_log(output_dir, log)
+            save("checkpoint_last.pth", step, done)
+            if max_steps is not None and step >= max_steps:
+                break
+            if epoch + 1 < cfg.schedular.epochs and (signum := stop.received()):
+                raise Preempted(f"stopped by {signal.Signals(signum).name} after epoch {epoch}: "
+                                f"{os.path.join(output_dir, 'checkpoint_last.pth')} holds the position; --resume it")
     if select is not None:
         logger.info("best %s: %.4f", select, best)
     return log
+
+
+def resume_training(model: nn.Module, optimizer: torch.optim.Optimizer, path: str, steps_per_epoch: int,
+                    samples_per_step: int | None, dist: DistInfo) -> tuple[int, int, float]:
+    """Load a resumable checkpoint into `model` and `optimizer`, restore this rank's RNG; returns
+    (epoch, step in epoch, best score) to continue from."""
+    state = load_resume_state(path)
+    load_state_dict_strict(model, adapt_pos_embed(state["model"], model), path)
+    optimizer.load_state_dict(state["optimizer"])
+    start_epoch, start_step = resume_position(state, steps_per_epoch, samples_per_step)
+    if state.get("world_size", dist.world_size) != dist.world_size:
+        logger.warning("%s was written by %d processes, resuming on %d: placed by samples done in the epoch "
+                       "(%s per step then, %s now)", path, state["world_size"], dist.world_size,
+                       state.get("samples_per_step"), samples_per_step)
+    if "rng" in state:
+        restore_rng(state["rng"])
+    logger.info("resuming %s at epoch %d step %d", path, start_epoch, start_step)
+    return start_epoch, start_step, state.get("best", float("-inf"))
 
 
 @torch.no_grad()

@@ -13,10 +13,17 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageFile
 
-# ALBEF parity: the original loads truncated JPEGs (common in web-crawled sets) instead of failing,
-# and lifts PIL's decompression-bomb limit for very large images.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
+# Not the original: it loads truncated files (common in web-crawled sets), which then train silently as
+# half-grey images. Here a truncated or undecodable file fails in `open_image`'s full decode (no extra
+# pass: `convert` decodes every byte anyway), and `skip_bad_images` can skip and count it.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# ALBEF parity: PIL's decompression-bomb limit is lifted for very large images.
 Image.MAX_IMAGE_PIXELS = None
+
+# Text fields of every task's annotations: a string (or, for captions and answers, a list of strings).
+TEXT_KEYS = ("caption", "sentence", "question", "text", "answer")
+# A run whose first this-many images in a row all fail to load stops (a wrong image_root, not bad files).
+FAILURES_BEFORE_GIVING_UP = 100
 
 PathLike = str | os.PathLike
 # A config's data-file key (train_file, test_file, answer_list, det_file, ...): one path, or a list of
@@ -50,6 +57,9 @@ class Annotations:
             self._starts.append(len(self.entries))
             self.files.append(os.fspath(path))
             self.entries += read_annotation_file(path)
+        if not self.entries:
+            raise AnnotationError(f"no entries in {', '.join(self.files)}: an annotation file must list at least "
+                                  "one entry")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -94,6 +104,11 @@ def read_annotation_file(path: PathLike) -> list[dict]:
         if not isinstance(entry, dict):
             found = type(entry).__name__
             raise AnnotationError(f"{os.fspath(path)} entry {k}: expected an object, found {found}")
+        for key in TEXT_KEYS:
+            value = entry.get(key, "")
+            if not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise AnnotationError(f"{os.fspath(path)} entry {k}: {key!r} must be text (a string or a list of "
+                                      f"strings), got {type(value).__name__} {value!r:.60}")
     return data
 
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from torch.utils.data import (
     default_collate,
 )
 
+from datasets.base import FAILURES_BEFORE_GIVING_UP
 from datasets.shards import CorruptSample, ShardError
 
 if TYPE_CHECKING:
@@ -94,6 +96,8 @@ class ResumableBatchSampler(EpochPosition, Sampler):
 
     def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, drop_last: bool = True, seed: int = 0):
+        if batch_size < 1 or num_samples < 1:
+            raise ValueError(f"need batch_size >= 1 and samples >= 1, got {batch_size} and {num_samples}")
         self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
         self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, 0, 0
         div = (lambda a, b: a // b) if drop_last else (lambda a, b: -(-a // b))
@@ -126,8 +130,10 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
+        before = getattr(self.dataset, "num_skipped", 0)
         with seeded(mix_seed(self.seed, "sample", *key)):
-            return key, self.dataset[key[1]]
+            sample = self.dataset[key[1]]
+        return key, sample, getattr(self.dataset, "num_skipped", 0) - before
 
     def __getattr__(self, name: str):
         if name in ("dataset", "seed") or name.startswith("__"):
@@ -136,14 +142,37 @@ class SeededDataset(Dataset):
 
 
 class SeededCollate:
-    """The dataset's collate, seeded from the batch's keys, which it then drops."""
+    """The dataset's collate of (key, sample, samples skipped to make it) items, seeded from the batch's
+    keys, which it then drops; the skips go into the batch (`with_skipped`)."""
 
     def __init__(self, collate_fn: Callable | None, seed: int):
         self.collate_fn, self.seed = collate_fn or default_collate, seed
 
     def __call__(self, items: list):
-        with seeded(mix_seed(self.seed, "collate", tuple(k for k, _ in items))):
-            return self.collate_fn([sample for _, sample in items])
+        with seeded(mix_seed(self.seed, "collate", tuple(item[0] for item in items))):
+            batch = self.collate_fn([item[1] for item in items])
+        return with_skipped(batch, sum(item[2] for item in items))
+
+
+# The batch key under which a loader reports the samples it skipped (unreadable) to make that batch:
+# the one way a count leaves a DataLoader worker. Only present when not 0; the engine pops it, sums it
+# over the epoch and over ranks, and logs it (`train_skipped` in log.txt).
+SKIPPED = "num_skipped"
+
+
+def with_skipped(batch, skipped: int):
+    """`batch` with `batch[SKIPPED] = skipped` when samples were skipped (dict batches)."""
+    if skipped and isinstance(batch, dict):
+        batch[SKIPPED] = skipped
+    return batch
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's init: SIGTERM, SIGUSR1 and SIGINT are the main process's to handle (it stops
+    after its step and shuts the workers down); a signal sent to the whole process group, as clusters and
+    Ctrl-C do, would otherwise kill the workers mid-batch and the main process with them."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool,
@@ -156,6 +185,7 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last:
                                     shuffle=shuffle, drop_last=drop_last, seed=seed)
     return DataLoader(SeededDataset(dataset, seed), batch_sampler=sampler, collate_fn=SeededCollate(collate_fn, seed),
                       num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
+                      worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(seed))  # the workers' base seed: not the global RNG
 
 
@@ -185,6 +215,8 @@ class ResumableStream(EpochPosition, IterableDataset):
 
     def __init__(self, source, batch_size: int, *, samples_per_epoch: int, collate_fn: Callable | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"need batch_size >= 1, got {batch_size}")
         self.num_batches = samples_per_epoch // (world_size * batch_size)
         if self.num_batches < 1:
             raise ValueError(f"{samples_per_epoch} samples per epoch make no batch of {batch_size} "
@@ -225,19 +257,21 @@ class ResumableStream(EpochPosition, IterableDataset):
             pass  # read, not decoded
         good, first_pass = 0, passes[0]
         for _ in range(role + done * workers, self.num_batches, workers):
-            items = []
+            items, before = [], self.source.num_corrupt
             while len(items) < self.batch_size:
                 sample = next(samples)
                 key = (self.epoch, os.path.basename(sample["__url__"]), sample["__key__"])
                 try:
                     with seeded(mix_seed(self.seed, "sample", *key)):
-                        items.append((key, self.source.decode(sample)))
+                        items.append((key, self.source.decode(sample), 0))
                     good += 1
                 except CorruptSample as e:
                     self.source.skip(str(e))
-                    if not good and passes[0] > first_pass + 1:  # a whole pass over its shards decoded nothing
-                        raise ShardError(f"rank {self.rank} reader {reader}: no usable sample in its shards") from e
-            yield self.collate(items)
+                    bad = self.source.num_corrupt - corrupt
+                    if not good and (passes[0] > first_pass + 1 or bad >= FAILURES_BEFORE_GIVING_UP):
+                        raise ShardError(f"rank {self.rank} reader {reader}: no usable sample in its shards "
+                                         f"({bad} corrupt in a row; the last: {e})") from e
+            yield with_skipped(self.collate(items), self.source.num_corrupt - before)
         if self.source.num_corrupt > corrupt:
             logger.warning("rank %d reader %d skipped %d corrupt samples in epoch %d", self.rank, reader,
                            self.source.num_corrupt - corrupt, self.epoch)
@@ -256,7 +290,7 @@ def build_stream_loader(source, batch_size: int, *, samples_per_epoch: int, coll
     stream = ResumableStream(source, batch_size, samples_per_epoch=samples_per_epoch, collate_fn=collate_fn,
                              rank=rank, world_size=world_size, seed=seed)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=cuda,
-                      generator=torch.Generator().manual_seed(seed))  # not the global RNG (dropout, MLM masks)
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))  # not the global RNG (dropout, MLM masks)
 
 
 def loader_position(loader: DataLoader):

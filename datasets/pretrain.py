@@ -15,7 +15,15 @@ import torch
 from torch.utils.data import Dataset
 from transformers import BertTokenizerFast
 
-from datasets.base import AnnotationError, Annotations, ImageLoadError, PathLike, image_path, open_image
+from datasets.base import (
+    FAILURES_BEFORE_GIVING_UP,
+    AnnotationError,
+    Annotations,
+    ImageLoadError,
+    PathLike,
+    image_path,
+    open_image,
+)
 from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
 
 logger = logging.getLogger(__name__)
@@ -25,11 +33,15 @@ class PretrainDataset(Dataset):
     """Image-caption pairs from one or several annotation files, concatenated.
 
     `image_root` is joined to relative image paths (the original's pretraining files hold absolute
-    ones). With `skip_bad_images`, an unreadable image is replaced by the next readable entry (the
-    same one every time) and counted in `num_skipped`; in DataLoader workers each process counts its
-    own skips, so the main process's attribute stays 0. Without it, an ImageLoadError naming the
-    image and the entry stops the run.
+    ones). With `skip_bad_images`, an unreadable image (missing, truncated, undecodable) is replaced by
+    the next readable entry (the same one every time) and counted in `num_skipped`, the count of this
+    process (each DataLoader worker has its own; the loader hands each batch's count to the engine,
+    which sums them over workers and ranks). The first few skips are logged. Without it, an
+    ImageLoadError naming the image and the entry stops the run; so does, either way, a process whose
+    first FAILURES_BEFORE_GIVING_UP images in a row all fail (a wrong `image_root`, not bad files).
     """
+
+    WARNINGS = 10  # skips logged per process; the rest are counted only
 
     def __init__(
         self,
@@ -45,6 +57,7 @@ class PretrainDataset(Dataset):
         self.max_words = max_words
         self.skip_bad_images = skip_bad_images
         self.num_skipped = 0
+        self.loaded_any, self.failed_in_a_row = False, 0
 
     def __len__(self) -> int:
         return len(self.ann)
@@ -53,13 +66,27 @@ class PretrainDataset(Dataset):
         for offset in range(len(self.ann)):
             i = (index + offset) % len(self.ann)
             try:
-                return self.load(i)
+                sample = self.load(i)
             except ImageLoadError as e:
-                if not self.skip_bad_images:
-                    raise
-                self.num_skipped += 1
-                logger.warning("skipping (%d so far in this process): %s", self.num_skipped, e)
-        raise ImageLoadError(f"no readable image in {self.ann.files}")
+                self.failed(e)
+                continue
+            self.loaded_any, self.failed_in_a_row = True, 0
+            return sample
+        raise ImageLoadError(f"none of the {len(self.ann)} images of {', '.join(self.ann.files)} loads: check "
+                             f"image_root ({self.image_root!r})")
+
+    def failed(self, error: ImageLoadError) -> None:
+        """Count a failed image; re-raise it unless skipping, or when nothing has loaded yet after many."""
+        self.failed_in_a_row += 1
+        if not self.loaded_any and self.failed_in_a_row >= FAILURES_BEFORE_GIVING_UP:
+            raise ImageLoadError(f"the first {self.failed_in_a_row} images all failed to load: check image_root "
+                                 f"({self.image_root!r}); the last: {error}") from error
+        if not self.skip_bad_images:
+            raise error
+        self.num_skipped += 1
+        if self.num_skipped <= self.WARNINGS:
+            more = "; further skips are counted, not logged" if self.num_skipped == self.WARNINGS else ""
+            logger.warning("skipping (%d so far in this process): %s%s", self.num_skipped, error, more)
 
     def load(self, index: int) -> tuple[torch.Tensor, str]:
         """Sample `index` itself (no skipping)."""

@@ -88,9 +88,13 @@ class PretrainShards:
         self.transform, self.max_words, self.shuffle_buffer = transform, max_words, shuffle_buffer
         self.num_corrupt = 0
 
+    WARNINGS = 10  # skips logged per process; the rest are counted only (the engine logs each epoch's total)
+
     def skip(self, message: str) -> None:
         self.num_corrupt += 1
-        logger.warning("skipping corrupt data (%d so far in this process): %s", self.num_corrupt, message)
+        if self.num_corrupt <= self.WARNINGS:
+            more = "; further skips are counted, not logged" if self.num_corrupt == self.WARNINGS else ""
+            logger.warning("skipping corrupt data (%d so far in this process): %s%s", self.num_corrupt, message, more)
 
     def _handler(self, exn: Exception) -> bool:
         """webdataset's error hook: a shard that fails to open or read on is skipped from there on."""

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import transforms
-from datasets.base import AnnotationError, Annotations, ImageLoadError, open_image
+from datasets.base import FAILURES_BEFORE_GIVING_UP, AnnotationError, Annotations, ImageLoadError, open_image
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.text import build_tokenizer
 
@@ -77,11 +77,19 @@ def test_open_image_converts_to_rgb(tmp_path):
     assert img.mode == "RGB" and img.size == (4, 3) and img.getpixel((0, 0)) == (77, 77, 77)
 
 
-def test_truncated_jpeg_loads_as_in_original(tmp_path):
-    Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / "full.jpg")
-    data = (tmp_path / "full.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    assert open_image(tmp_path / "cut.jpg").size == (64, 64)
+@pytest.mark.parametrize("suffix", ["jpg", "png"])
+def test_truncated_or_garbled_image_is_an_error_not_a_grey_image(tmp_path, suffix):
+    """Not the original (which decodes the half it has): a cut or garbled file names itself."""
+    Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / f"full.{suffix}")
+    data = (tmp_path / f"full.{suffix}").read_bytes()
+    (tmp_path / f"cut.{suffix}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match=rf"cut\.{suffix}.*truncated"):
+        open_image(tmp_path / f"cut.{suffix}")
+    if suffix == "png":  # deflate data with 64 bytes of garbage: zlib's check fails
+        middle = len(data) // 2
+        (tmp_path / "garbled.png").write_bytes(data[:middle] + bytes(range(64)) + data[middle + 64:])
+        with pytest.raises(ImageLoadError, match="garbled.png"):
+            open_image(tmp_path / "garbled.png")
 
 
 def test_missing_image_error_names_file_and_entry(pretrain_files):
@@ -109,6 +117,39 @@ def test_skip_bad_images_counts_and_is_deterministic(pretrain_files):
     assert caption == "last good" and ds.num_skipped == 2
     assert ds[4][1] == "last good" and ds.num_skipped == 3
     assert ds[0][1] == "a red square" and ds.num_skipped == 3
+
+
+def test_a_wrong_image_root_stops_early_naming_it(tmp_path, caplog):
+    """With skip_bad_images, the first FAILURES_BEFORE_GIVING_UP failures in a row stop the run, and only
+    the first few skips are logged."""
+    entries = [{"image": f"{i}.png", "caption": "x"} for i in range(FAILURES_BEFORE_GIVING_UP + 5)]
+    ds = PretrainDataset(write_json(tmp_path / "a.json", entries), transforms.test_transform(8),
+                         image_root=str(tmp_path / "wrong"), skip_bad_images=True)
+    with pytest.raises(ImageLoadError, match=rf"first {FAILURES_BEFORE_GIVING_UP} images .*image_root .*wrong"):
+        ds[0]
+    assert len(caplog.records) == PretrainDataset.WARNINGS
+
+
+def test_skips_after_a_good_image_go_on(tmp_path):
+    write_image(tmp_path / "a.png")
+    entries = [{"image": "a.png", "caption": "good"}] + [{"image": f"{i}.png", "caption": "x"} for i in range(150)]
+    ds = PretrainDataset(write_json(tmp_path / "a.json", entries), transforms.test_transform(8),
+                         image_root=str(tmp_path), skip_bad_images=True)
+    assert ds[0][1] == "good" and ds[1][1] == "good" and ds.num_skipped == 150
+
+
+def test_text_fields_must_be_text(tmp_path):
+    for key, value in (("caption", 7), ("sentence", None), ("question", ["ok", 3]), ("text", {"a": 1})):
+        path = write_json(tmp_path / f"{key}.json", [{"image": "a.png", key: "fine"}, {"image": "a.png", key: value}])
+        with pytest.raises(AnnotationError, match=rf"{key}\.json entry 1: '{key}' must be text"):
+            Annotations(path)
+    Annotations(write_json(tmp_path / "lists.json", [{"caption": ["a", "b"], "answer": ["yes"]}]))
+
+
+def test_an_empty_annotation_file_is_an_error(tmp_path):
+    with pytest.raises(AnnotationError, match="no entries in .*empty.json"):
+        Annotations(write_json(tmp_path / "empty.json", []))
+    assert len(Annotations([write_json(tmp_path / "e.json", []), write_json(tmp_path / "f.json", [{}])])) == 1
 
 
 def test_caption_string_and_list(pretrain_files):

@@ -2,6 +2,7 @@
 resumable sampler and its seeding, exact resume, accumulation, bf16 on CPU, and 2-process DDP."""
 
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -244,12 +245,45 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", torn)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(utils.CheckpointError, match=f"no space left on device: needs about 0.00 GB at {path} "):
         utils.save_checkpoint(str(path), {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
     state = utils.load_checkpoint(str(path))
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint_last.pth"]  # the torn temporary file removed
+
+
+def test_a_full_disk_reported_by_torch_save_as_a_runtime_error_says_so(tmp_path, monkeypatch):
+    """torch.save's zip writer turns the OSError into `RuntimeError: [enforce fail at inline_container.cc]`."""
+    def torn(obj, f, *args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 320 vs 0") from None
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(utils.CheckpointError, match="no space left on device: needs about 0.01 GB"):
+        utils.save_checkpoint(str(tmp_path / "c.pth"), {"w": torch.zeros(2**20, dtype=torch.float64)})
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its own error
+        utils.save_checkpoint(str(tmp_path / "c.pth"), {"w": torch.zeros(3)})
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    with pytest.raises(utils.TrainingDiverged, match=r"1 weight tensors are not finite \(b, .*not saving .*c.pth"):
+        utils.save_checkpoint(str(tmp_path / "c.pth"), {"model": {"a": torch.ones(2), "b": torch.tensor([1.0, math.inf]),
+                                                                  "n": torch.tensor([3])}})
+    assert os.listdir(tmp_path) == []
+
+
+def test_stale_tmp_files_are_removed_and_logged(tmp_path, caplog):
+    (tmp_path / "checkpoint_last.pth.tmp").write_bytes(b"PK torn")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    with caplog.at_level(logging.INFO):
+        utils.remove_stale_tmp(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes.tmp"]
+    assert any("checkpoint_last.pth.tmp, left by an interrupted save" in r.getMessage() for r in caplog.records)
 
 
 def test_checkpoint_atomic_and_weights_only(tmp_path):
