@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+import checkpoints
 import utils
 from datasets import loaders
 from datasets.base import DataFiles
@@ -139,39 +140,51 @@ def main(argv=None) -> dict:
                 len(train_set.img_ids), steps_per_epoch, dist.world_size, cfg.batch_size_train)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     start_epoch, start_step, best, best_epoch = 0, 0, -1.0, -1
+    checkpoints.remove_stale_tmp(args.output_dir)
     if args.resume:
-        state = utils.load_checkpoint(args.resume)
+        state = checkpoints.load_resume_state(args.resume)
         load_state_dict_strict(model, state["model"], args.resume)
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = utils.resume_position(state, steps_per_epoch)
+        start_epoch, start_step = checkpoints.resume_position(state, steps_per_epoch)
         best, best_epoch = state.get("best_r_mean", -1.0), state.get("best_epoch", -1)
-        utils.restore_rng(state["rng"]) if "rng" in state else None
+        checkpoints.restore_rng(state["rng"]) if "rng" in state else None
         logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
+        if start_epoch >= cfg.schedular.epochs:
+            logger.warning("%s is a finished run (epochs %d): nothing to train", args.resume, cfg.schedular.epochs)
+            finish(tb)
+            return {}
     ddp_model = utils.wrap_ddp(model, dist, broadcast_buffers=False)  # queues are equal on every rank by design
 
     alpha = utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up)
 
-    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> None:
-        state = utils.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
+    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> str:
+        state = checkpoints.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
         state |= {"best_r_mean": best, "best_epoch": best_epoch}
-        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
+        checkpoints.save_checkpoint(path := os.path.join(args.output_dir, name), state)
+        return path
 
     def on_step(step: int, step_in_epoch: int) -> None:
+        if step_in_epoch < steps_per_epoch:  # at an epoch's end: after the epoch's saves (as utils.fit)
+            stop.stop_if_received(lambda: save("checkpoint_last.pth", epoch, step, step_in_epoch),
+                                  f"at epoch {epoch} step {step_in_epoch}")
         if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step_in_epoch < steps_per_epoch:
             save("checkpoint_last.pth", epoch, step, step_in_epoch)
 
     results = {}
-    for epoch in range(start_epoch, cfg.schedular.epochs):
-        stats = utils.train_one_epoch(
-            ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
-            start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
-            dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
-        results = evaluate(epoch)
-        if results["val_r_mean"] > best:
-            best, best_epoch = results["val_r_mean"], epoch
-            save("checkpoint_best.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-        save("checkpoint_last.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-        utils.append_log(args.output_dir, {f"train_{k}": v for k, v in stats.items()} | results | {"epoch": epoch})
+    with checkpoints.StopSignals() as stop:
+        for epoch in range(start_epoch, cfg.schedular.epochs):
+            stats = utils.train_one_epoch(
+                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
+                start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
+                dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
+            results = evaluate(epoch)
+            if results["val_r_mean"] > best:
+                best, best_epoch = results["val_r_mean"], epoch
+                save("checkpoint_best.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
+            utils.append_log(args.output_dir, {f"train_{k}": v for k, v in stats.items()} | results | {"epoch": epoch})
+            last = save("checkpoint_last.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)  # marks it done
+            if epoch + 1 < cfg.schedular.epochs:
+                stop.stop_if_received(lambda: last, f"after epoch {epoch}")
     logger.info("best epoch %d (val r_mean %.2f)", best_epoch, best)
     utils.append_log(args.output_dir, {"best_epoch": best_epoch, "best_val_r_mean": best})
     finish(tb)

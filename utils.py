@@ -13,16 +13,12 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
-import errno
 import json
 import logging
 import math
 import os
 import random
-import shutil
-import signal
 import sys
-import threading
 import time
 import types
 import typing
@@ -46,13 +42,10 @@ from torch.utils.data import (
 from datasets.base import AnnotationError, ImageLoadError
 from datasets.loaders import SKIPPED, loader_position
 from datasets.shards import ShardError
-from models.albef import (  # noqa: F401 - CheckpointError re-exported
-    CheckpointError,
-    adapt_pos_embed,
-    load_checkpoint_file,
-    load_state_dict_strict,
-)
-from models.checkpoint import ChecksumError, verify_checksums
+import checkpoints
+from checkpoints import Preempted, TrainingDiverged
+from models.albef import CheckpointError  # noqa: F401 - re-exported for the scripts
+from models.checkpoint import ChecksumError
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +55,6 @@ logger = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A config file or an `--opts` override that does not fit the task's schema."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss or the gradient norm is not finite: training stops before saving anything from that state."""
 
 
 @dataclass(kw_only=True)
@@ -310,7 +299,7 @@ def run_main(main: Callable[[list[str]], typing.Any], argv: list[str] | None = N
         main(argv)
     except Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
-        sys.exit(PREEMPTED_STATUS)
+        sys.exit(checkpoints.PREEMPTED_STATUS)
     except USER_ERRORS as e:
         if "--debug" in argv:
             raise
@@ -600,163 +589,6 @@ class MetricLogger:
         return self.delimiter.join(f"{k}: {m}" for k, m in self.meters.items())
 
 
-# --------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write `path.tmp`, then `os.replace` it onto `path`: a crash never leaves a torn checkpoint (a failed
-    write removes its temporary file; the previous checkpoint stays; a full disk is a CheckpointError
-    saying so). Weights that are not finite are never saved (TrainingDiverged). Rank 0 only."""
-    if not is_main_process():
-        return
-    if isinstance(state.get("model"), dict):
-        check_finite_weights(state["model"], path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with open(f"{path}.tmp", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(f"{path}.tmp")
-        if isinstance(e, Exception) and out_of_space(e, path, need := tensor_bytes(state)):
-            raise CheckpointError(f"no space left on device: needs about {need / 2**30:.2f} GB at {path} "
-                                  f"({shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30:.2f} "
-                                  "GB free)") from e
-        raise
-    os.replace(f"{path}.tmp", path)
-
-
-def check_finite_weights(state_dict: dict, path: str) -> None:
-    """TrainingDiverged when a floating tensor of `state_dict` holds NaN or Inf (one host sync)."""
-    names = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    finite = torch.stack([state_dict[k].isfinite().all() for k in names]).tolist() if names else []
-    bad = [k for k, ok in zip(names, finite) if not ok]
-    if bad:
-        raise TrainingDiverged(f"{len(bad)} weight tensors are not finite ({', '.join(bad[:3])}, ...): not saving "
-                               f"{path}; lower the lr (optimizer.lr, schedular.lr) or set grad_clip")
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of the tensors in nested dicts and lists (about a checkpoint's size)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(map(tensor_bytes, obj.values()))
-    return sum(map(tensor_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
-
-
-def out_of_space(error: BaseException, path: str, need: int) -> bool:
-    """Whether a failed write of `need` bytes at `path` ran out of disk: ENOSPC in the error or what caused
-    it (torch.save reports it as a RuntimeError of its zip writer), or less free space than needed."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    with contextlib.suppress(OSError):
-        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < need
-    return False
-
-
-def remove_stale_tmp(output_dir: str) -> None:
-    """Delete the `*.pth.tmp` files a killed save left in `output_dir` (rank 0), and say so."""
-    if is_main_process() and os.path.isdir(output_dir):
-        for name in sorted(n for n in os.listdir(output_dir) if n.endswith(".pth.tmp")):
-            os.remove(os.path.join(output_dir, name))
-            logger.info("removed %s, left by an interrupted save", os.path.join(output_dir, name))
-
-
-def load_checkpoint(path: str) -> dict:
-    """`torch.load(weights_only=True)` onto the CPU after verifying the file's checksums; errors
-    (CheckpointError, ChecksumError) name the file."""
-    if os.path.isfile(path):
-        verify_checksums(path)
-    state = load_checkpoint_file(path)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(state).__name__}")
-    return state
-
-
-def load_resume_state(path: str) -> dict:
-    """`load_checkpoint` of a checkpoint that carries a run's training state (`--resume`)."""
-    state = load_checkpoint(path)
-    if not {"model", "optimizer", "epoch"} <= state.keys():
-        raise CheckpointError(f"{path} holds no training state (keys: {', '.join(sorted(map(str, state))[:6])}): "
-                              "only checkpoint_last.pth and checkpoint_XX.pth carry it; use --checkpoint to start "
-                              "from these weights")
-    return state
-
-
-def rng_state() -> dict:
-    """This process's RNG states as tensors and plain lists (loadable with weights_only)."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": [version, list(mt), gauss],
-            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-
-
-def restore_rng(rng: list[dict] | dict, rank: int | None = None) -> None:
-    """Put back this rank's entry of a checkpoint's `rng`. Call it last, after building the model and
-    optimizer, since building draws random numbers."""
-    if rank is None:
-        rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
-    if isinstance(rng, list):
-        if rank >= len(rng):
-            logger.warning("checkpoint has RNG states of %d ranks; rank %d keeps its own seed", len(rng), rank)
-            return
-        rng = rng[rank]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    version, mt, gauss = rng["python"]
-    random.setstate((version, tuple(mt), gauss))
-    keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg_dict: dict | typing.Any,
-                 epoch: int, step: int, step_in_epoch: int, *, steps_per_epoch: int | None = None,
-                 samples_per_step: int | None = None) -> dict:
-    """The checkpoint dict: the original's layout (`model`, `optimizer`, `lr_scheduler`, `config`,
-    `epoch`) plus `step` (optimizer steps done in all), `step_in_epoch` (done in `epoch`), `rng`
-    (a list, one entry per rank), `world_size`, and, where given, `steps_per_epoch` and
-    `samples_per_step` (over all ranks) so that a run on another number of processes can find its
-    place. A ZeroRedundancyOptimizer's state is gathered on rank 0 first: the file holds the whole
-    plain AdamW state either way. Collective: every rank calls it, rank 0 then saves."""
-    gathered, world_size = [rng_state()], 1
-    if tdist.is_available() and tdist.is_initialized():
-        world_size = tdist.get_world_size()
-        gathered, local = [None] * world_size, gathered[0]
-        tdist.all_gather_object(gathered, local)
-    if dataclasses.is_dataclass(cfg_dict):
-        cfg_dict = config_to_dict(cfg_dict)
-    zero = isinstance(optimizer, ZeroRedundancyOptimizer)
-    if zero:
-        optimizer.consolidate_state_dict(to=0)  # collective
-    optim_state = optimizer.state_dict() if not zero or is_main_process() else {}  # ZeRO: rank 0 holds it all
-    return {"model": unwrap(model).state_dict(), "optimizer": optim_state,
-            "lr_scheduler": {"step": step}, "config": cfg_dict, "epoch": epoch,
-            "step": step, "step_in_epoch": step_in_epoch, "rng": gathered, "world_size": world_size,
-            "steps_per_epoch": steps_per_epoch, "samples_per_step": samples_per_step}
-
-
-def resume_position(state: dict, steps_per_epoch: int, samples_per_step: int | None = None) -> tuple[int, int]:
-    """(epoch, step_in_epoch) to continue from. A finished epoch, or an original ALBEF checkpoint
-    (no `step_in_epoch`), continues with the next epoch. A checkpoint whose steps held another number
-    of samples (another world size, batch size or accum_steps) is placed by samples: at the last step
-    boundary before the samples it had done, so fewer than `samples_per_step` samples are seen twice."""
-    done = state.get("step_in_epoch", steps_per_epoch)
-    old = state.get("samples_per_step")
-    if old and samples_per_step and old != samples_per_step:
-        if done >= (state.get("steps_per_epoch") or done + 1):
-            return state["epoch"] + 1, 0
-        done = done * old // samples_per_step
-    return (state["epoch"] + 1, 0) if done >= steps_per_epoch else (state["epoch"], done)
-
-
 # ---------------------------------------------------------------------------------------- training
 
 
@@ -926,52 +758,6 @@ class StopTraining(Exception):
     """Raised from an `on_step` hook to end training early (`--max_steps`)."""
 
 
-class Preempted(Exception):
-    """A stop signal was handled: training stopped after a step with `checkpoint_last.pth` saved at that
-    exact position. `run_main` exits with PREEMPTED_STATUS."""
-
-
-PREEMPTED_STATUS = 3  # exit status after a handled stop signal: not a failure (1, 2), not done (0)
-
-
-class StopSignals:
-    """SIGTERM, SIGUSR1 (what clusters send before they kill a job) and SIGINT turn into a request to stop
-    after the current step, while the context is active (main thread only). A second SIGINT interrupts
-    at once. `received()` is the signal to stop on, the same on every rank: with several ranks, one
-    all-reduce of a CPU flag on a gloo group (no device sync) at every call, a collective."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self):
-        self.signum, self.old, self.group = 0, {}, None
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-            self.group = tdist.new_group(backend="gloo")  # collective
-        return self
-
-    def handle(self, signum: int, frame) -> None:
-        if self.signum == signal.SIGINT == signum:
-            raise KeyboardInterrupt
-        self.signum = self.signum or signum
-        logger.warning("received %s: stopping after this step", signal.Signals(signum).name)
-
-    def received(self) -> int:
-        if self.group is None:
-            return self.signum
-        flag = torch.tensor([self.signum])
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-        if self.group is not None:
-            tdist.destroy_process_group(self.group)
-
-
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, cfg, dist: DistInfo,
         output_dir: str, resume: str | None = None, max_steps: int | None = None,
         forward_kwargs: Callable[[int, int], dict] | None = None,
@@ -994,11 +780,11 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
     steps_per_epoch_ = steps_per_epoch(loader, cfg.accum_steps)
     batch_size = getattr(loader_position(loader), "batch_size", None) or loader.batch_size
     samples_per_step = batch_size * cfg.accum_steps * dist.world_size if batch_size else None
-    remove_stale_tmp(output_dir)
+    checkpoints.remove_stale_tmp(output_dir)
     start_epoch, start_step, best = 0, 0, float("-inf")
     if resume:
-        start_epoch, start_step, best = resume_training(model, optimizer, resume, steps_per_epoch_,
-                                                        samples_per_step, dist)
+        start_epoch, start_step, best = checkpoints.resume_training(model, optimizer, resume, steps_per_epoch_,
+                                                        samples_per_step, dist.world_size)
         done = start_epoch * steps_per_epoch_ + start_step
         if start_epoch >= cfg.schedular.epochs or (max_steps is not None and done >= max_steps):
             logger.warning("%s is a finished run (%d steps done, epochs %d%s): nothing to train", resume, done,
@@ -1007,22 +793,23 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
     ddp_model = wrap_ddp(model, dist, **(ddp_kwargs or {}))
     epoch, log = start_epoch, {}
 
-    def save(name: str, step: int, step_in_epoch: int) -> None:
-        state = resume_state(model, optimizer, cfg, epoch, step, step_in_epoch, steps_per_epoch=steps_per_epoch_,
-                             samples_per_step=samples_per_step) | {"best": best}
-        save_checkpoint(os.path.join(output_dir, name), state)
+    def save(name: str, step: int, step_in_epoch: int) -> str:
+        state = checkpoints.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch,
+                                         steps_per_epoch=steps_per_epoch_, samples_per_step=samples_per_step)
+        state |= {"best": best}
+        checkpoints.save_checkpoint(path := os.path.join(output_dir, name), state)
+        return path
 
     def on_step(step: int, step_in_epoch: int) -> None:
-        if step_in_epoch < steps_per_epoch_ and (signum := stop.received()):
-            save("checkpoint_last.pth", step, step_in_epoch)
-            raise Preempted(f"stopped by {signal.Signals(signum).name} at epoch {epoch} step {step_in_epoch}: "
-                            f"{os.path.join(output_dir, 'checkpoint_last.pth')} holds the position; --resume it")
+        if step_in_epoch < steps_per_epoch_:  # at an epoch's end: after the epoch's saves
+            stop.stop_if_received(lambda: save("checkpoint_last.pth", step, step_in_epoch),
+                                  f"at epoch {epoch} step {step_in_epoch}")
         if cfg.save_every_steps and step % cfg.save_every_steps == 0:
             save("checkpoint_last.pth", step, step_in_epoch)
         if max_steps is not None and step >= max_steps and step_in_epoch < steps_per_epoch_:
             raise StopTraining  # at an epoch's end the epoch finishes normally
 
-    with StopSignals() as stop:
+    with checkpoints.StopSignals() as stop:
         for epoch in range(start_epoch, cfg.schedular.epochs):
             done = steps_per_epoch_
             try:
@@ -1036,40 +823,21 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
             stats = evaluate(epoch) if evaluate else {}
             if select is not None and stats[select] > best:
                 best = stats[select]
-                save_checkpoint(os.path.join(output_dir, "checkpoint_best.pth"), {
+                checkpoints.save_checkpoint(os.path.join(output_dir, "checkpoint_best.pth"), {
                     "model": model.state_dict(), "config": config_to_dict(cfg), "epoch": epoch, select: best})
             step = epoch * steps_per_epoch_ + done
             if keep_every_epoch and done == steps_per_epoch_:
                 save(f"checkpoint_{epoch:02d}.pth", step, done)
             log = {f"train_{k}": v for k, v in train_stats.items()} | stats | {"epoch": epoch}
             append_log(output_dir, log)
-            save("checkpoint_last.pth", step, done)
+            last = save("checkpoint_last.pth", step, done)
             if max_steps is not None and step >= max_steps:
                 break
-            if epoch + 1 < cfg.schedular.epochs and (signum := stop.received()):
-                raise Preempted(f"stopped by {signal.Signals(signum).name} after epoch {epoch}: "
-                                f"{os.path.join(output_dir, 'checkpoint_last.pth')} holds the position; --resume it")
+            if epoch + 1 < cfg.schedular.epochs:
+                stop.stop_if_received(lambda: last, f"after epoch {epoch}")
     if select is not None:
         logger.info("best %s: %.4f", select, best)
     return log
-
-
-def resume_training(model: nn.Module, optimizer: torch.optim.Optimizer, path: str, steps_per_epoch: int,
-                    samples_per_step: int | None, dist: DistInfo) -> tuple[int, int, float]:
-    """Load a resumable checkpoint into `model` and `optimizer`, restore this rank's RNG; returns
-    (epoch, step in epoch, best score) to continue from."""
-    state = load_resume_state(path)
-    load_state_dict_strict(model, adapt_pos_embed(state["model"], model), path)
-    optimizer.load_state_dict(state["optimizer"])
-    start_epoch, start_step = resume_position(state, steps_per_epoch, samples_per_step)
-    if state.get("world_size", dist.world_size) != dist.world_size:
-        logger.warning("%s was written by %d processes, resuming on %d: placed by samples done in the epoch "
-                       "(%s per step then, %s now)", path, state["world_size"], dist.world_size,
-                       state.get("samples_per_step"), samples_per_step)
-    if "rng" in state:
-        restore_rng(state["rng"])
-    logger.info("resuming %s at epoch %d step %d", path, start_epoch, start_step)
-    return start_epoch, start_step, state.get("best", float("-inf"))
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoints  # noqa: E402
 import utils  # noqa: E402
 from datasets import loaders  # noqa: E402
 from utils import ConfigError, EngineConfig, OptimizerConfig, SchedulerConfig  # noqa: E402
@@ -238,7 +239,7 @@ def test_engine_sets_the_original_lr_every_step(tmp_path):
 
 def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint_last.pth"
-    utils.save_checkpoint(str(path), {"step": 1, "w": torch.ones(3)})
+    checkpoints.save_checkpoint(str(path), {"step": 1, "w": torch.ones(3)})
 
     def torn(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 the first bytes")
@@ -246,9 +247,9 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(torch, "save", torn)
     with pytest.raises(utils.CheckpointError, match=f"no space left on device: needs about 0.00 GB at {path} "):
-        utils.save_checkpoint(str(path), {"step": 2, "w": torch.zeros(3)})
+        checkpoints.save_checkpoint(str(path), {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
-    state = utils.load_checkpoint(str(path))
+    state = checkpoints.load_checkpoint(str(path))
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint_last.pth"]  # the torn temporary file removed
 
@@ -263,17 +264,17 @@ def test_a_full_disk_reported_by_torch_save_as_a_runtime_error_says_so(tmp_path,
 
     monkeypatch.setattr(torch, "save", torn)
     with pytest.raises(utils.CheckpointError, match="no space left on device: needs about 0.01 GB"):
-        utils.save_checkpoint(str(tmp_path / "c.pth"), {"w": torch.zeros(2**20, dtype=torch.float64)})
+        checkpoints.save_checkpoint(str(tmp_path / "c.pth"), {"w": torch.zeros(2**20, dtype=torch.float64)})
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its own error
-        utils.save_checkpoint(str(tmp_path / "c.pth"), {"w": torch.zeros(3)})
+        checkpoints.save_checkpoint(str(tmp_path / "c.pth"), {"w": torch.zeros(3)})
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
-    with pytest.raises(utils.TrainingDiverged, match=r"1 weight tensors are not finite \(b, .*not saving .*c.pth"):
-        utils.save_checkpoint(str(tmp_path / "c.pth"), {"model": {"a": torch.ones(2), "b": torch.tensor([1.0, math.inf]),
-                                                                  "n": torch.tensor([3])}})
+    with pytest.raises(checkpoints.TrainingDiverged, match=r"1 weight tensors are not finite \(b, .*c.pth"):
+        checkpoints.save_checkpoint(str(tmp_path / "c.pth"), {
+            "model": {"a": torch.ones(2), "b": torch.tensor([1.0, math.inf]), "n": torch.tensor([3])}})
     assert os.listdir(tmp_path) == []
 
 
@@ -281,7 +282,7 @@ def test_stale_tmp_files_are_removed_and_logged(tmp_path, caplog):
     (tmp_path / "checkpoint_last.pth.tmp").write_bytes(b"PK torn")
     (tmp_path / "notes.tmp").write_text("not ours")
     with caplog.at_level(logging.INFO):
-        utils.remove_stale_tmp(str(tmp_path))
+        checkpoints.remove_stale_tmp(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["notes.tmp"]
     assert any("checkpoint_last.pth.tmp, left by an interrupted save" in r.getMessage() for r in caplog.records)
 
@@ -289,20 +290,20 @@ def test_stale_tmp_files_are_removed_and_logged(tmp_path, caplog):
 def test_checkpoint_atomic_and_weights_only(tmp_path):
     random.random(), np.random.rand(), torch.rand(1)
     path = tmp_path / "ckpt" / "checkpoint_00.pth"
-    state = utils.resume_state(ToyModel(), torch.optim.AdamW(ToyModel().parameters()), {"a": 1}, 0, 5, 5)
-    utils.save_checkpoint(str(path), state)
+    state = checkpoints.resume_state(ToyModel(), torch.optim.AdamW(ToyModel().parameters()), {"a": 1}, 0, 5, 5)
+    checkpoints.save_checkpoint(str(path), state)
     assert os.listdir(path.parent) == ["checkpoint_00.pth"]
-    loaded = utils.load_checkpoint(str(path))
+    loaded = checkpoints.load_checkpoint(str(path))
     assert loaded["step"] == 5 and loaded["lr_scheduler"] == {"step": 5} and len(loaded["rng"]) == 1
     expect = (random.random(), np.random.rand(), torch.rand(1))
-    utils.restore_rng(loaded["rng"])
+    checkpoints.restore_rng(loaded["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expect
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(utils.CheckpointError, match=str(bad)):
-        utils.load_checkpoint(str(bad))
+        checkpoints.load_checkpoint(str(bad))
     with pytest.raises(utils.CheckpointError, match="missing.pth"):
-        utils.load_checkpoint(str(tmp_path / "missing.pth"))
+        checkpoints.load_checkpoint(str(tmp_path / "missing.pth"))
 
 
 # --------------------------------------------------------------------------------------- sampler
@@ -373,16 +374,16 @@ def _run(tmp_path, *, resume_from=None, stop_at=None, epochs=2, engine=None, bat
     sched = sched or _sched(epochs=epochs, **({"lr": 0.005, "warmup_lr": 0.0005} if sgd else {}))  # SGD: stable
     start = (0, 0)
     if resume_from:
-        ckpt = utils.load_checkpoint(resume_from)
+        ckpt = checkpoints.load_checkpoint(resume_from)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        start = utils.resume_position(ckpt, spe)
-        utils.restore_rng(ckpt["rng"])
+        start = checkpoints.resume_position(ckpt, spe)
+        checkpoints.restore_rng(ckpt["rng"])
 
     def on_step(step, step_in_epoch):
         if step == stop_at:
-            state = utils.resume_state(model, opt, {}, epoch, step, step_in_epoch)
-            utils.save_checkpoint(str(tmp_path / "ckpt.pth"), state)
+            state = checkpoints.resume_state(model, opt, {}, epoch, step, step_in_epoch)
+            checkpoints.save_checkpoint(str(tmp_path / "ckpt.pth"), state)
             raise _Stop
 
     stats = None
@@ -536,7 +537,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
         seen = [int(i) for b in loader for i in b["idx"]]
         stats = utils.train_one_epoch(model, loader, opt, epoch=0, steps_per_epoch=spe,
                                       cfg=engine, sched=_sched(epochs=1), dist=dist)
-        state = utils.resume_state(model, opt, {}, 0, spe, spe)
+        state = checkpoints.resume_state(model, opt, {}, 0, spe, spe)
         torch.save({"params": _params(model), "seen": seen, "stats": stats, "n_rng": len(state["rng"])},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -14,6 +14,7 @@ import torch
 from test_scripts import demo, engine_logging_removed, main_error, run_opts  # noqa: F401 - fixtures
 
 import Pretrain
+import checkpoints
 import utils
 import VE
 
@@ -36,7 +37,7 @@ def write(path: Path, data) -> str:
     return str(path)
 
 
-def checkpoints(out: Path) -> list[str]:
+def saved(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob("*.pth*")) if out.exists() else []
 
 
@@ -53,7 +54,7 @@ def test_a_damaged_png_names_file_and_entry(damage, demo, tmp_path, capsys):
     train = write(tmp_path / "train.json", [dict(e, image=str(tmp_path / "bad.png")) for e in entries])
     err = main_error("VE", ve_args(demo, tmp_path, "out", f"train_file={train}"), capsys)
     assert f"cannot load image {tmp_path / 'bad.png'} (annotation {train} entry " in err, err
-    assert checkpoints(tmp_path / "out") == []
+    assert saved(tmp_path / "out") == []
 
 
 def skipping_pretrain(demo: Path, tmp_path: Path, image: str, workers: int = 0) -> list[str]:
@@ -99,7 +100,7 @@ def test_bad_annotations_are_one_line(case, demo, tmp_path, capsys):
 def test_zero_steps_and_batch_size_0_are_errors(demo, tmp_path, capsys):
     err = main_error("VE", ve_args(demo, tmp_path, "a", "batch_size_train=100"), capsys)
     assert "0 optimizer steps per epoch: 8 samples make 0 batches of 100" in err, err
-    assert checkpoints(tmp_path / "a") == [] and not (tmp_path / "a" / "log.txt").exists()
+    assert saved(tmp_path / "a") == [] and not (tmp_path / "a" / "log.txt").exists()
     err = main_error("VE", ve_args(demo, tmp_path, "b", "batch_size_train=0"), capsys)
     assert f"error: --opts batch_size_train (config file {VE_CONFIG}): invalid config: batch_size_train must be >= 1, " \
            "got 0" in err, err
@@ -109,7 +110,7 @@ def test_a_diverging_run_stops_and_saves_nothing(demo, tmp_path, capsys):
     err = main_error("VE", ve_args(demo, tmp_path, "out", "optimizer.lr=1e30", "schedular.lr=1e30",
                                    "schedular.warmup_lr=1e30", "schedular.min_lr=1e30", max_steps=None), capsys)
     assert "non-finite loss at epoch 0 step" in err and "loss nan" in err, err
-    assert checkpoints(tmp_path / "out") == []
+    assert saved(tmp_path / "out") == []
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -146,24 +147,24 @@ def test_a_full_disk_is_one_line_and_leaves_no_tmp(demo, tmp_path, capsys, monke
     (tmp_path / "out" / "checkpoint_last.pth.tmp").write_bytes(b"stale")  # a killed save of an earlier run
     err = main_error("VE", ve_args(demo, tmp_path, "out"), capsys)
     assert "no space left on device: needs about" in err and str(tmp_path / "out") in err, err
-    assert checkpoints(tmp_path / "out") == []  # the stale .tmp removed at start-up, the new one after failing
+    assert saved(tmp_path / "out") == []  # the stale .tmp removed at start-up, the new one after failing
     assert "left by an interrupted save" in (tmp_path / "out" / "run.log").read_text()
 
 
 def test_a_kill_between_the_epoch_saves_loses_no_log_line(demo, tmp_path, monkeypatch):
-    real = utils.save_checkpoint
+    real = checkpoints.save_checkpoint
 
     def killed_at_last(path, state):
         if path.endswith("checkpoint_last.pth"):
             raise KeyboardInterrupt  # the process dies here
         real(path, state)
 
-    monkeypatch.setattr(utils, "save_checkpoint", killed_at_last)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", killed_at_last)
     argv = skipping_pretrain(demo, tmp_path, "none")
     with pytest.raises(KeyboardInterrupt):
         Pretrain.main(argv)
     out = tmp_path / "out"
-    assert checkpoints(out) == ["checkpoint_00.pth"]
+    assert saved(out) == ["checkpoint_00.pth"]
     assert json.loads((out / "log.txt").read_text().splitlines()[-1])["epoch"] == 0
 
 
@@ -193,7 +194,7 @@ def test_sigterm_saves_the_exact_position_and_resume_equals_a_straight_run(demo,
     res = subprocess.run([sys.executable, str(tmp_path / "driver.py"), *stopped], capture_output=True, text=True,
                          cwd=tmp_path, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     last = tmp_path / "stopped" / "checkpoint_last.pth"
-    assert res.returncode == utils.PREEMPTED_STATUS, res.stderr[-3000:]
+    assert res.returncode == checkpoints.PREEMPTED_STATUS, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM at epoch 0 step 3: {last} holds the "
                                                    "position; --resume it")
     state = torch.load(last, weights_only=True)
@@ -206,7 +207,7 @@ def test_sigterm_saves_the_exact_position_and_resume_equals_a_straight_run(demo,
 
 def test_stop_signals_are_restored_after_fit():
     before = signal.getsignal(signal.SIGTERM)
-    with utils.StopSignals() as stop:
+    with checkpoints.StopSignals() as stop:
         assert signal.getsignal(signal.SIGTERM) == stop.handle
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.received() == signal.SIGUSR1

@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 import Pretrain
-import utils
+import checkpoints
 from datasets import loaders
 from datasets.pretrain import PretrainDataset
 from datasets.shards import PretrainShards, ShardError, expand_shards, write_shards
@@ -205,7 +205,7 @@ def test_resume_on_another_world_size_repeats_little(tmp_path):
     source = key_source(shards(tmp_path, 128, 8), buffer=4)
     seen = {k for r in (0, 1) for b in epoch_batches(source, samples=128, rank=r, world=2)[:6] for k in b}
     state = {"epoch": 0, "step_in_epoch": 6, "steps_per_epoch": 16, "samples_per_step": 8}
-    epoch, start = utils.resume_position(state, 32, samples_per_step=4)
+    epoch, start = checkpoints.resume_position(state, 32, samples_per_step=4)
     assert (epoch, start) == (0, 12)
     rest = [k for b in epoch_batches(source, samples=128, start=start) for k in b]
     assert len(rest) == 128 - 48
@@ -219,11 +219,12 @@ def test_resume_position_is_placed_by_samples():
     """The JSON path: rank r takes positions r, r + W, ... of one permutation, so a position in samples
     means the same samples on any world size; fewer than one new step's samples are seen twice."""
     state = {"epoch": 2, "step_in_epoch": 5, "steps_per_epoch": 10, "samples_per_step": 8}
-    assert utils.resume_position(state, 10, samples_per_step=8) == (2, 5)
-    assert utils.resume_position(state, 20, samples_per_step=4) == (2, 10)
-    assert utils.resume_position(state, 5, samples_per_step=16) == (2, 2)  # 40 samples done, 32 kept
-    assert utils.resume_position(state | {"step_in_epoch": 10}, 21, samples_per_step=4) == (3, 0)  # finished
-    assert utils.resume_position({"epoch": 0, "step_in_epoch": 3}, 10, samples_per_step=4) == (0, 3)  # older files
+    assert checkpoints.resume_position(state, 10, samples_per_step=8) == (2, 5)
+    assert checkpoints.resume_position(state, 20, samples_per_step=4) == (2, 10)
+    assert checkpoints.resume_position(state, 5, samples_per_step=16) == (2, 2)  # 40 samples done, 32 kept
+    assert checkpoints.resume_position(state | {"step_in_epoch": 10}, 21, samples_per_step=4) == (3, 0)  # finished
+    # older files
+    assert checkpoints.resume_position({"epoch": 0, "step_in_epoch": 3}, 10, samples_per_step=4) == (0, 3)
 
     def samples(world, start=0, stop=None):
         out = []
@@ -234,8 +235,8 @@ def test_resume_position_is_placed_by_samples():
         return out
 
     done = samples(2, stop=5)  # 2 ranks x 5 batches of 4
-    _, start = utils.resume_position({"epoch": 0, "step_in_epoch": 5, "samples_per_step": 8, "steps_per_epoch": 8},
-                                     5, samples_per_step=12)  # 3 ranks now: 40 // 12 = step 3
+    state = {"epoch": 0, "step_in_epoch": 5, "samples_per_step": 8, "steps_per_epoch": 8}
+    _, start = checkpoints.resume_position(state, 5, samples_per_step=12)  # 3 ranks now: 40 // 12 = step 3
     rest = samples(3, start=start)
     assert len(set(done) & set(rest)) == 40 - 36 and len(set(done) | set(rest)) == 3 * 5 * 4  # the epoch
 
