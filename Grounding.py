@@ -81,7 +81,8 @@ class GroundingConfig(utils.EngineConfig, RetrievalModelConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = utils.task_parser(__doc__, "configs/Grounding.yaml", "output/refcoco",
+    configs = ["configs/Grounding.yaml", "configs/Grounding_demo.yaml"]  # full size first
+    p = utils.task_parser(__doc__, configs, "output/refcoco",
                           checkpoint_help="initial weights: pretraining, retrieval or grounding (refcoco.pth)")
     p.add_argument("--gradcam_mode", choices=["itm", "itc"], help="overrides the config's gradcam_mode")
     p.add_argument("--block_num", type=int, help="overrides the config's block_num")

@@ -51,7 +51,8 @@ class NLVRConfig(utils.EngineConfig, ALBEFConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = utils.task_parser(__doc__, "configs/NLVR.yaml", "output/nlvr",
+    configs = ["configs/NLVR.yaml", "configs/NLVR_demo.yaml"]  # full size first
+    p = utils.task_parser(__doc__, configs, "output/nlvr",
                           checkpoint_help="initialise from these weights: TA, pretraining or fine-tuned NLVR")
     return p.parse_args(argv)
 

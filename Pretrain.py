@@ -54,7 +54,8 @@ class PretrainConfig(utils.EngineConfig, ALBEFConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = utils.task_parser(__doc__, "configs/Pretrain.yaml", "output/pretrain",
+    configs = ["configs/Pretrain.yaml", "configs/Pretrain_demo.yaml"]  # full size first
+    p = utils.task_parser(__doc__, configs, "output/pretrain",
                           checkpoint_help="initialise the model from these weights (ALBEF layout)", evaluate=False)
     return p.parse_args(argv)
 

@@ -50,7 +50,8 @@ class TAConfig(utils.EngineConfig, ALBEFConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = utils.task_parser(__doc__, "configs/NLVR_pretrain.yaml", "output/nlvr_ta",
+    configs = ["configs/NLVR_pretrain.yaml", "configs/NLVR_pretrain_demo.yaml"]  # full size first
+    p = utils.task_parser(__doc__, configs, "output/nlvr_ta",
                           checkpoint_help="initialise from a pretraining (Pretrain.py) or TA checkpoint", evaluate=False)
     return p.parse_args(argv)
 

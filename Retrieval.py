@@ -80,7 +80,8 @@ class RetrievalConfig(utils.EngineConfig, RetrievalModelConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = utils.task_parser(__doc__, "configs/Retrieval_flickr.yaml", "output/retrieval_flickr",
+    configs = ["configs/Retrieval_flickr.yaml", "configs/Retrieval_coco.yaml", "configs/Retrieval_demo.yaml"]
+    p = utils.task_parser(__doc__, configs, "output/retrieval_flickr",
                           checkpoint_help="initial weights: a pretraining or a fine-tuned retrieval checkpoint", max_steps=False)
     p.add_argument("--save_scores", action="store_true", help="also save the score matrices (scores_*.pt)")
     return p.parse_args(argv)

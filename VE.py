@@ -47,7 +47,8 @@ class VEConfig(utils.EngineConfig, ALBEFConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = utils.task_parser(__doc__, "configs/VE.yaml", "output/ve",
+    configs = ["configs/VE.yaml", "configs/VE_demo.yaml"]  # full size first
+    p = utils.task_parser(__doc__, configs, "output/ve",
                           checkpoint_help="initialise from these weights: pretraining or fine-tuned VE")
     return p.parse_args(argv)
 

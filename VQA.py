@@ -62,7 +62,8 @@ class VQAConfig(utils.EngineConfig, VQAModelConfig):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = utils.task_parser(__doc__, "configs/VQA.yaml", "output/vqa",
+    configs = ["configs/VQA.yaml", "configs/VQA_demo.yaml"]  # full size first
+    p = utils.task_parser(__doc__, configs, "output/vqa",
                           checkpoint_help="pretraining checkpoint (converted) or VQA checkpoint (strict)")
     return p.parse_args(argv)
 

@@ -263,15 +263,21 @@ def _plain(value):
 # ------------------------------------------------------------------------------------- task scripts
 
 
-def task_parser(doc: str | None, config: str, output_dir: str, *, checkpoint_help: str,
+def task_parser(doc: str | None, configs: list[str], output_dir: str, *, checkpoint_help: str,
                 evaluate: bool = True, max_steps: bool = True) -> argparse.ArgumentParser:
     """The flags every task script shares (scripts add their own): --config --output_dir --checkpoint
-    --resume [--evaluate] --seed --device --amp [--max_steps] --opts."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=config)
-    p.add_argument("--output_dir", default=output_dir)
+    --resume [--evaluate] --seed --device --amp [--max_steps] --opts. `configs`: the script's config
+    files, full size first, listed in the help and when --config is missing (no guessing)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"Config keys are documented by the comments in {configs[0]} and by the "
+                                       "task's config dataclass at the top of the script.")
+    p.add_argument("--config", help=f"the run's YAML file (required): {', '.join(configs)}")
+    p.set_defaults(known_configs=configs)
+    p.add_argument("--output_dir", default=output_dir,
+                   help=f"config.yaml, run.log, log.txt, tb/ and checkpoints go here (default: {output_dir})")
     p.add_argument("--checkpoint", help=checkpoint_help)
-    p.add_argument("--resume", help="continue a run from its checkpoint: weights, optimizer, step, RNG")
+    p.add_argument("--resume", help="continue a run from its checkpoint_last.pth (or checkpoint_XX.pth): weights, "
+                                    "optimizer, step, RNG")
     if evaluate:
         p.add_argument("--evaluate", action="store_true", help="evaluation only, no training")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
@@ -279,7 +285,8 @@ def task_parser(doc: str | None, config: str, output_dir: str, *, checkpoint_hel
     p.add_argument("--amp", choices=["auto", "bf16", "fp32"], help="overrides the config's amp")
     if max_steps:
         p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (tests, smoke runs)")
-    p.add_argument("--opts", nargs="*", default=[], help="config overrides: key=value, nested.key=value")
+    p.add_argument("--opts", nargs="*", default=[],
+                   help="config overrides: key=value or section.key=value, the value read as YAML")
     p.add_argument("--debug", action="store_true", help="show the traceback of a config, checkpoint or data error")
     return p
 
@@ -319,6 +326,9 @@ def error_line(e: BaseException) -> str:
 def setup_task(args: argparse.Namespace, schema: type) -> tuple["DistInfo", typing.Any]:
     """Process group, logging, config (+ --seed/--amp/--opts, written to output_dir/config.yaml), seeds."""
     opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
+    if args.config is None:
+        raise ConfigError(f"no --config given; this script's configs: {', '.join(args.known_configs)} (*_demo: the "
+                          "demo data from `make data`; the others: the original data and weights)")
     dist = init_distributed(args.device)
     setup_logging(args.output_dir, dist.rank)
     cfg, doc = load_config(args.config, opts, schema)

@@ -18,6 +18,9 @@ _DROPPED = ",.'!?\"()*#:;~"
 _NORMALISE = str.maketrans({**{c: None for c in _DROPPED}, "-": " ", "/": " "})
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
 
+# BERT's position embeddings: no setting returns longer token sequences (see `tokenize`).
+MAX_TOKENS = 512
+
 # The tokenizer call of each original script, keyed by the fixture's setting names.
 TOKENIZER_SETTINGS: dict[str, dict] = {
     # Pretrain.py, Pretrain_nlvr.py; VQA.py training questions.
@@ -68,6 +71,8 @@ def build_tokenizer(name_or_path: str | os.PathLike) -> BertTokenizerFast:
     # only the arguments of each call should count.
     tokenizer.backend_tokenizer.no_truncation()
     tokenizer.backend_tokenizer.no_padding()
+    # `tokenize` never returns more tokens than BERT has positions, whatever the settings.
+    tokenizer.model_max_length = min(tokenizer.model_max_length, MAX_TOKENS)
     cls, sep = tokenizer.cls_token, tokenizer.sep_token
     # ALBEF parity: the original tokenizer class never appends [SEP] to a single text (quirk 1);
     # truncation to max_length then keeps max_length tokens including [CLS]. Pairs are unchanged.
@@ -91,9 +96,13 @@ def tokenize(
 
     The keyword arguments are those of the original scripts (see `TOKENIZER_SETTINGS`); a literal
     "[SEP]" inside a text becomes id 102 (VQA answers). `tokenizer` must come from `build_tokenizer`.
+    Not the original: without `truncation`, texts are still cut at `tokenizer.model_max_length` (at most
+    MAX_TOKENS), where the original crashed in BERT's position embedding.
     """
     if tokenizer.num_special_tokens_to_add(pair=False) != 1:
         raise ValueError("tokenizer appends [SEP] to single texts; use datasets.text.build_tokenizer")
+    if not truncation:  # a text the model cannot embed (one 3000-letter "word") is cut at its positions
+        truncation, max_length = True, tokenizer.model_max_length
     enc = tokenizer(
         list(texts),
         padding=padding,

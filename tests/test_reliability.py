@@ -13,8 +13,9 @@ import pytest
 import torch
 from test_scripts import demo, engine_logging_removed, main_error, run_opts  # noqa: F401 - fixtures
 
-import Pretrain
 import checkpoints
+import Pretrain
+import Retrieval
 import utils
 import VE
 
@@ -212,3 +213,31 @@ def test_stop_signals_are_restored_after_fit():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.received() == signal.SIGUSR1
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ------------------------------------------------------------------------------------ clear errors
+
+
+def test_no_config_refuses_to_guess_and_lists_the_configs(tmp_path, capsys):
+    err = main_error("VE", ["--output_dir", str(tmp_path / "out")], capsys)
+    assert err == ("error: no --config given; this script's configs: configs/VE.yaml, configs/VE_demo.yaml (*_demo: "
+                   "the demo data from `make data`; the others: the original data and weights)\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["VE", "Retrieval", "Pretrain"])
+def test_help_explains_every_flag_and_points_to_the_config_keys(name, capsys, monkeypatch):
+    parsers = []
+    real = utils.task_parser
+    monkeypatch.setattr(utils, "task_parser", lambda *a, **k: parsers.append(real(*a, **k)) or parsers[-1])
+    with pytest.raises(SystemExit):
+        {"VE": VE, "Retrieval": Retrieval, "Pretrain": Pretrain}[name].parse_args(["--help"])
+    assert [a.option_strings for a in parsers[0]._actions if not a.help] == []  # the script's own flags too
+    assert f"Config keys are documented by the comments in configs/{name}" in capsys.readouterr().out
+
+
+def test_opts_errors_name_opts(demo, tmp_path, capsys):
+    err = main_error("VE", ve_args(demo, tmp_path, "a", "optimizer.lr=fast"), capsys)
+    assert err.startswith(f"error: --opts optimizer.lr (config file {VE_CONFIG}): 'optimizer.lr' expects float"), err
+    err = main_error("VE", ve_args(demo, tmp_path, "b", "crop_scale=[0.5, 1"), capsys)
+    assert err.startswith("error: --opts 'crop_scale=[0.5, 1': the value is not valid YAML"), err

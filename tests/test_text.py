@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, pre_question, tokenize
+from datasets.text import MAX_TOKENS, TOKENIZER_SETTINGS, build_tokenizer, pre_caption, pre_question, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,12 @@ def test_standard_bert_tokenizer_is_refused(bert_vocab_dir):
 
     with pytest.raises(ValueError, match="build_tokenizer"):
         tokenize(BertTokenizerFast.from_pretrained(str(bert_vocab_dir)), ["a man"])
+
+
+@pytest.mark.parametrize("setting", ["retrieval_train", "longest", "vqa_answers"])
+def test_a_text_longer_than_bert_positions_is_cut_there(tokenizer, setting):
+    """Settings without truncation (ALBEF parity) still never exceed the 512 positions: 30 words of 100
+    word pieces each (`max_words` counts words) used to crash in BERT's position embedding."""
+    ids, mask = tokenize(tokenizer, [pre_caption(" ".join(["x1" * 50] * 40), 30), "a dog"],
+                         **TOKENIZER_SETTINGS[setting])
+    assert ids.shape == (2, MAX_TOKENS) and mask[1].sum() == 3
