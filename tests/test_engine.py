@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -71,6 +72,16 @@ class NoisyDataset(torch.utils.data.Dataset):
         if self.augment:
             x = x + 0.1 * torch.randn(x.shape) + float(np.random.uniform(-0.1, 0.1)) + random.uniform(-0.1, 0.1)
         return {"x": x, "y": self.y[i], "idx": torch.tensor(i)}
+
+
+class SkippingDataset(NoisyDataset):
+    """Counts a skip for every 8th index, as PretrainDataset does for an unreadable image."""
+
+    num_skipped = 0
+
+    def __getitem__(self, i):
+        self.num_skipped += i % 8 == 0
+        return super().__getitem__(i)
 
 
 class ToyModel(nn.Module):
@@ -470,6 +481,26 @@ def _fit(out: Path, *, seed: int = 0, max_steps: int | None = None, resume: str 
     return model
 
 
+def test_a_non_finite_loss_stops_before_the_next_save(tmp_path):
+    """Read back at the save_every_steps boundary (not every step): step 2's Inf stops the run before the
+    save after step 4, naming the step and each loss."""
+    cfg = ToyTaskConfig(train_file=[], num_workers=0, print_freq=100, save_every_steps=4,
+                        optimizer=OptimizerConfig(lr=0.05), schedular=_sched(epochs=1))
+    dist, model = utils.DistInfo(), ToyModel()
+    loader = loaders.build_loader(NoisyDataset(32), 4, shuffle=True, drop_last=True, num_workers=0, dist=dist)
+    with pytest.raises(checkpoints.TrainingDiverged, match=r"non-finite loss at epoch 0 step 2 \(optimizer step 2 "
+                       r"of the run\): loss_mse inf, loss_reg"):
+        utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
+                  output_dir=str(tmp_path), forward_kwargs=lambda epoch, i: {"scale": math.inf if i == 2 else 1.0})
+    assert not list(tmp_path.glob("*.pth*"))
+
+
+def test_a_non_finite_gradient_norm_is_named():
+    with pytest.raises(checkpoints.TrainingDiverged, match=r"non-finite gradient at epoch 1 step 1 \(optimizer step 5 "
+                       r"of the run\): loss 0.5, grad_norm inf"):
+        utils.check_finite([(4, {"loss": 0.5, "lr": 0.1}), (5, {"loss": 0.5, "grad_norm": math.inf})], 1, 4)
+
+
 def test_fit_resumes_on_the_same_trajectory(tmp_path):
     """Stopped mid-epoch, resumed through `fit` under another seed: the RNG (dropout) comes back from the
     checkpoint, so the weights end where an uninterrupted run ends."""
@@ -531,15 +562,18 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
         model = utils.wrap_ddp(ToyModel(dropout=0.2), dist)
         utils.seed_everything(engine.seed, dist.rank)
         opt = utils.build_optimizer(model, OptimizerConfig(lr=0.05))
-        loader = loaders.build_loader(NoisyDataset(32), 4, shuffle=True, drop_last=True, num_workers=0,
+        loader = loaders.build_loader(SkippingDataset(32), 4, shuffle=True, drop_last=True, num_workers=0,
                                     dist=dist, seed=engine.seed)
         spe = utils.steps_per_epoch(loader, engine.accum_steps)
         seen = [int(i) for b in loader for i in b["idx"]]
         stats = utils.train_one_epoch(model, loader, opt, epoch=0, steps_per_epoch=spe,
                                       cfg=engine, sched=_sched(epochs=1), dist=dist)
         state = checkpoints.resume_state(model, opt, {}, 0, spe, spe)
-        torch.save({"params": _params(model), "seen": seen, "stats": stats, "n_rng": len(state["rng"])},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        with checkpoints.StopSignals() as stop:
+            stop.signum = signal.SIGTERM if rank == 1 else 0  # one rank got the signal: both stop
+            received = stop.received()
+        torch.save({"params": _params(model), "seen": seen, "stats": stats, "n_rng": len(state["rng"]),
+                    "received": received}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         utils.cleanup_distributed()
 
@@ -553,3 +587,27 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
     assert not set(r0["seen"]) & set(r1["seen"]) and len(r0["seen"]) == len(r1["seen"]) == 16
     assert r0["stats"] == r1["stats"] and r0["n_rng"] == 2
+    assert r0["stats"]["skipped"] == 4  # indices 0, 8, 16, 24: summed over both ranks
+    assert r0["received"] == r1["received"] == signal.SIGTERM
+
+
+def test_checksums_catch_flipped_bytes_and_pass_files_without_them(tmp_path, monkeypatch):
+    from torch.utils.serialization import config
+
+    from models.checkpoint import ChecksumError, verify_checksums
+
+    state = {"model": {"w": torch.randn(256, 256)}, "epoch": 1}
+    checkpoints.save_checkpoint(str(tmp_path / "good.pth"), state)
+    data = bytearray((tmp_path / "good.pth").read_bytes())
+    start = data.index(b"data/0") + 4096
+    data[start:start + 16] = bytes(16)
+    (tmp_path / "rot.pth").write_bytes(data)
+    with pytest.raises(ChecksumError, match=r"rot.pth: corrupted: \w+/data/0 fails its checksum"):
+        checkpoints.load_checkpoint(str(tmp_path / "rot.pth"))
+    assert torch.equal(checkpoints.load_checkpoint(str(tmp_path / "good.pth"))["model"]["w"], state["model"]["w"])
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # no checksums: loads
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    torch.save(state, tmp_path / "nocrc.pth")
+    for name in ("legacy.pth", "nocrc.pth"):
+        verify_checksums(tmp_path / name)
+        assert torch.equal(checkpoints.load_checkpoint(str(tmp_path / name))["model"]["w"], state["model"]["w"])
