@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 import types
@@ -708,7 +709,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         step = epoch * steps_per_epoch + i
         set_lr(optimizer, lr := lr_at(epoch, i, steps_per_epoch, sched))
         extra = forward_kwargs(epoch, i) if forward_kwargs else {}
-        out, samples, skips = _accumulate(model, batches, micro, extra, cfg.amp, dist.device)
+        try:
+            out, samples, skips = _accumulate(model, batches, micro, extra, cfg.amp, dist.device)
+        except RuntimeError as e:  # diverged weights can fail inside forward (torch.multinomial on NaN)
+            check_finite(metrics.flush(tb), epoch, steps_per_epoch)
+            if re.search(r"\b(nan|inf)\b", str(e), re.IGNORECASE):
+                largest = max(p.detach().abs().max().item() for p in params)  # the failure path only
+                raise TrainingDiverged(f"forward failed on non-finite values at epoch {epoch} step {i} ({e}); "
+                                       f"the largest |weight| is {largest:.3g}; nothing was saved from this state; "
+                                       "lower the lr (optimizer.lr, schedular.lr) or set grad_clip") from e
+            raise
         if cfg.grad_clip is not None:
             out["grad_norm"] = nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         optimizer.step()

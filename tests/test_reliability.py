@@ -4,6 +4,7 @@ leaves no checkpoint it should not have written."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,9 +60,9 @@ def test_a_damaged_png_names_file_and_entry(damage, demo, tmp_path, capsys):
 
 
 def skipping_pretrain(demo: Path, tmp_path: Path, image: str, workers: int = 0) -> list[str]:
-    """Pretrain args, 8 entries, batch 4, one epoch: entries 1 and 5 (or all, `image` "all") unreadable."""
+    """Pretrain args, 8 entries, batch 4, one epoch: `image` "two" (1 and 5), "all" or "none" unreadable."""
     entries = json.loads((demo / "pretrain.json").read_text())[:8]
-    for i in range(8) if image == "all" else (1, 5):
+    for i in {"all": range(8), "two": (1, 5), "none": ()}[image]:
         entries[i]["image"] = "images/missing.png"
     train = write(tmp_path / "train.json", entries)
     opts = run_opts("Pretrain", "path", demo, tmp_path / "small")
@@ -203,7 +204,8 @@ def test_sigterm_saves_the_exact_position_and_resume_equals_a_straight_run(demo,
     VE.main(stopped + ["--resume", str(last)])
     a = torch.load(tmp_path / "straight" / "checkpoint_last.pth", weights_only=True)["model"]
     b = torch.load(last, weights_only=True)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [], {k: (a[k] - b[k]).abs().max() for k in a}
 
 
 def test_stop_signals_are_restored_after_fit():
@@ -241,3 +243,13 @@ def test_opts_errors_name_opts(demo, tmp_path, capsys):
     assert err.startswith(f"error: --opts optimizer.lr (config file {VE_CONFIG}): 'optimizer.lr' expects float"), err
     err = main_error("VE", ve_args(demo, tmp_path, "b", "crop_scale=[0.5, 1"), capsys)
     assert err.startswith("error: --opts 'crop_scale=[0.5, 1': the value is not valid YAML"), err
+
+
+def test_a_diverging_pretraining_names_the_divergence_not_multinomial(demo, tmp_path, capsys):
+    """Weights blown up by step 0 make step 1's hard-negative sampling fail inside forward; the error says why."""
+    argv = skipping_pretrain(demo, tmp_path, "none") + ["optimizer.lr=1e30", "schedular.lr=1e30",
+                                                        "schedular.warmup_lr=1e30", "schedular.min_lr=1e30"]
+    err = main_error("Pretrain", argv, capsys)
+    assert err.startswith("error: forward failed on non-finite values at epoch 0 step 1 (probability tensor"), err
+    assert re.search(r"the largest \|weight\| is 1(\.\d+)?e\+30", err), err
+    assert saved(tmp_path / "out") == []
