@@ -320,6 +320,15 @@ def test_checkpoint_atomic_and_weights_only(tmp_path):
 # --------------------------------------------------------------------------------------- sampler
 
 
+def test_loader_workers_leave_stop_signals_to_the_main_process():
+    """A cluster's SIGTERM reaches the whole process group: a worker must not die of it mid-epoch."""
+    loader = loaders.build_loader(NoisyDataset(32), 4, shuffle=False, drop_last=True, num_workers=1)
+    batches = iter(loader)
+    first = next(batches)
+    os.kill(batches._workers[0].pid, signal.SIGTERM)
+    assert [int(b["idx"][0]) for b in [first, *batches]] == list(range(0, 32, 4))
+
+
 def test_sampler_ranks_disjoint_and_covering():
     keys = []
     for rank in range(2):

@@ -253,3 +253,16 @@ def test_a_diverging_pretraining_names_the_divergence_not_multinomial(demo, tmp_
     assert err.startswith("error: forward failed on non-finite values at epoch 0 step 1 (probability tensor"), err
     assert re.search(r"the largest \|weight\| is 1(\.\d+)?e\+30", err), err
     assert saved(tmp_path / "out") == []
+
+
+def test_retrieval_own_loop_has_the_same_resume_checks(demo, tmp_path, capsys):
+    """Retrieval keeps its epoch loop (its best checkpoint is resumable): a finished run, weights only."""
+    argv = ["--config", str(ROOT / "configs" / "Retrieval_demo.yaml"), "--device", "cpu", "--output_dir",
+            str(tmp_path / "out"), *run_opts("Retrieval", "path", demo, tmp_path / "small")]
+    Retrieval.main(argv)
+    last, log = tmp_path / "out" / "checkpoint_last.pth", (tmp_path / "out" / "log.txt").read_text()
+    utils.run_main(Retrieval.main, argv + ["--resume", str(last)])
+    assert "is a finished run" in capsys.readouterr().out and (tmp_path / "out" / "log.txt").read_text() == log
+    torch.save({"model": torch.load(last, weights_only=True)["model"]}, tmp_path / "weights.pth")
+    err = main_error("Retrieval", argv + ["--resume", str(tmp_path / "weights.pth")], capsys)
+    assert "weights.pth holds no training state (keys: model)" in err, err
