@@ -646,6 +646,19 @@ def to_device(obj, device: torch.device):
     return obj.to(device) if callable(getattr(obj, "to", None)) else obj
 
 
+def place_loader(loader: DataLoader, epoch: int, start_batch: int, batches: int) -> None:
+    """Set the loader's epoch and first batch (see `loader_position`); it must hold `batches` batches."""
+    position = loader_position(loader)
+    if hasattr(position, "set_epoch"):
+        position.set_epoch(epoch)
+    if hasattr(position, "set_start"):
+        position.set_start(start_batch)
+        if position.num_batches < batches:
+            raise ValueError(f"{batches} batches per epoch needed, the loader has {position.num_batches}")
+    elif start_batch:
+        raise ValueError("resuming mid-epoch needs a loader from build_loader or build_stream_loader")
+
+
 def _accumulate(model: nn.Module, batches, micro: int, extra: dict, amp: str, device) -> tuple[dict, int, int]:
     """Forward and backward of `micro` batches: the outputs averaged over them, the sample count and
     the samples the loader skipped to make them. Under DDP, gradients are all-reduced on the last batch
@@ -687,20 +700,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     the same number of forwards (ALBEF updates its queues inside forward). Returns this call's
     averages over all ranks, keyed like the outputs plus `lr` (and `grad_norm` with clipping), and
     `skipped`, the unreadable samples the loaders skipped on all ranks, when there were any.
-    Losses and the clipping norm stay on the device; they are read back (one transfer) at each progress
-    line, at the epoch's end and before each `save_every_steps` save, and a non-finite one stops
-    training there (TrainingDiverged) before anything is saved from that state.
+    Losses and the clipping norm are read back (one transfer) at each progress line, before each
+    `save_every_steps` save and at the end; a non-finite one stops training there (TrainingDiverged).
     """
     model.train()
-    micro, sampler = cfg.accum_steps, loader_position(loader)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    if hasattr(sampler, "set_start"):
-        sampler.set_start(start_step_in_epoch * micro)
-        if sampler.num_batches < steps_per_epoch * micro:
-            raise ValueError(f"{steps_per_epoch} steps × {micro} batches > {sampler.num_batches} batches per epoch")
-    elif start_step_in_epoch:
-        raise ValueError("resuming mid-epoch needs a loader from build_loader or build_stream_loader")
+    micro = cfg.accum_steps
+    place_loader(loader, epoch, start_step_in_epoch * micro, steps_per_epoch * micro)
     metrics, data_time, header = MetricLogger(), SmoothedValue(), f"Train Epoch: [{epoch}]"
     batches, params = _timed(iter(loader), data_time), [p for p in model.parameters() if p.requires_grad]
     start_time = window_time = time.perf_counter()
@@ -713,11 +718,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             out, samples, skips = _accumulate(model, batches, micro, extra, cfg.amp, dist.device)
         except RuntimeError as e:  # diverged weights can fail inside forward (torch.multinomial on NaN)
             check_finite(metrics.flush(tb), epoch, steps_per_epoch)
-            if re.search(r"\b(nan|inf)\b", str(e), re.IGNORECASE):
-                largest = max(p.detach().abs().max().item() for p in params)  # the failure path only
-                raise TrainingDiverged(f"forward failed on non-finite values at epoch {epoch} step {i} ({e}); "
-                                       f"the largest |weight| is {largest:.3g}; nothing was saved from this state; "
-                                       "lower the lr (optimizer.lr, schedular.lr) or set grad_clip") from e
+            check_forward_error(e, params, epoch, i)
             raise
         if cfg.grad_clip is not None:
             out["grad_norm"] = nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
@@ -765,6 +766,24 @@ def check_finite(rows: list[tuple[int, dict[str, float]]], epoch: int, steps_per
                                    "state; lower the lr (optimizer.lr, schedular.lr) or set grad_clip")
 
 
+def check_forward_error(error: RuntimeError, params: list[nn.Parameter], epoch: int, step_in_epoch: int) -> None:
+    """TrainingDiverged, from `error`, when forward failed on NaN or Inf (a diverged run's weights)."""
+    if re.search(r"\b(nan|inf)\b", str(error), re.IGNORECASE):
+        largest = max(p.detach().abs().max().item() for p in params)  # the failure path only
+        raise TrainingDiverged(f"forward failed on non-finite values at epoch {epoch} step {step_in_epoch} ({error}); "
+                               f"the largest |weight| is {largest:.3g}; nothing was saved from this state; "
+                               "lower the lr (optimizer.lr, schedular.lr) or set grad_clip") from error
+
+
+def finished(resume: str, done: int, total: int, max_steps: int | None) -> bool:
+    """Whether a resumed run has nothing left to train (`done` of `total` steps, or of `max_steps`); says so."""
+    if done < total and (max_steps is None or done < max_steps):
+        return False
+    logger.warning("%s is a finished run (%d of %d steps done%s): nothing to train", resume, done, total,
+                   f", --max_steps {max_steps}" if max_steps is not None else "")
+    return True
+
+
 def sum_over_ranks(value: int | float, device: torch.device) -> float:
     """`value` summed over all ranks (collective; the value itself on one process)."""
     if not (tdist.is_available() and tdist.is_initialized()):
@@ -804,11 +823,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
     start_epoch, start_step, best = 0, 0, float("-inf")
     if resume:
         start_epoch, start_step, best = checkpoints.resume_training(model, optimizer, resume, steps_per_epoch_,
-                                                        samples_per_step, dist.world_size)
-        done = start_epoch * steps_per_epoch_ + start_step
-        if start_epoch >= cfg.schedular.epochs or (max_steps is not None and done >= max_steps):
-            logger.warning("%s is a finished run (%d steps done, epochs %d%s): nothing to train", resume, done,
-                           cfg.schedular.epochs, f", --max_steps {max_steps}" if max_steps is not None else "")
+                                                                    samples_per_step, dist.world_size)
+        if finished(resume, start_epoch * steps_per_epoch_ + start_step, cfg.schedular.epochs * steps_per_epoch_,
+                    max_steps):
             return {}
     ddp_model = wrap_ddp(model, dist, **(ddp_kwargs or {}))
     epoch, log = start_epoch, {}

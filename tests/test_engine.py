@@ -600,7 +600,7 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     assert r0["received"] == r1["received"] == signal.SIGTERM
 
 
-def test_checksums_catch_flipped_bytes_and_pass_files_without_them(tmp_path, monkeypatch):
+def test_checksums_catch_flipped_bytes_and_pass_files_without_them(tmp_path):
     from torch.utils.serialization import config
 
     from models.checkpoint import ChecksumError, verify_checksums
@@ -615,8 +615,11 @@ def test_checksums_catch_flipped_bytes_and_pass_files_without_them(tmp_path, mon
         checkpoints.load_checkpoint(str(tmp_path / "rot.pth"))
     assert torch.equal(checkpoints.load_checkpoint(str(tmp_path / "good.pth"))["model"]["w"], state["model"]["w"])
     torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # no checksums: loads
-    monkeypatch.setattr(config.save, "compute_crc32", False)
-    torch.save(state, tmp_path / "nocrc.pth")
+    config.save.compute_crc32 = False  # (monkeypatch's undo deletes this config attribute)
+    try:
+        torch.save(state, tmp_path / "nocrc.pth")
+    finally:
+        config.save.compute_crc32 = True
     for name in ("legacy.pth", "nocrc.pth"):
         verify_checksums(tmp_path / name)
         assert torch.equal(checkpoints.load_checkpoint(str(tmp_path / name))["model"]["w"], state["model"]["w"])
