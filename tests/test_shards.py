@@ -18,6 +18,7 @@ from PIL import Image
 import Pretrain
 import checkpoints
 from datasets import loaders
+from datasets.base import FAILURES_BEFORE_GIVING_UP
 from datasets.pretrain import PretrainDataset
 from datasets.shards import PretrainShards, ShardError, expand_shards, write_shards
 from datasets.text import pre_caption
@@ -318,3 +319,20 @@ def test_shard_run_killed_by_sigkill_resumes_from_its_periodic_checkpoint(tmp_pa
     assert a["step"] == b["step"] == 24
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_reader_whose_first_samples_all_fail_stops_and_logs_a_few(tmp_path, caplog):
+    """FAILURES_BEFORE_GIVING_UP corrupt samples in a row before any good one stop the run (a broken export,
+    not a few bad files), with the first PretrainShards.WARNINGS skips logged, not all of them."""
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    path = tmp_path / "mostly_garbage.tar"
+    with wds.TarWriter(str(path)) as w:
+        for i in range(FAILURES_BEFORE_GIVING_UP + 20):
+            w.write({"__key__": f"g{i:04d}", "png": b"not an image", "txt": "x"})
+        for i in range(8):
+            w.write({"__key__": f"ok{i}", "png": png.getvalue(), "txt": "fine"})
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(ShardError, match=rf"no usable sample in its shards \({FAILURES_BEFORE_GIVING_UP} corrupt"):
+        epoch_batches(key_source([str(path)], buffer=0), samples=8)
+    assert sum("skipping corrupt data" in r.getMessage() for r in caplog.records) == PretrainShards.WARNINGS
