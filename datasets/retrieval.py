@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import torch
 
-from datasets.base import Annotations, image_path, open_image
+from datasets.base import AnnotationError, Annotations, image_path, open_image
 from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
 from models.retrieval import rerank_itm, shape_agnostic_attention
 
@@ -200,3 +200,43 @@ def retrieval_scores(model, feats: dict[str, torch.Tensor], k_test: int, rank_by
     score_i2t, score_t2i = rerank_itm(model, sims, feats["image_embeds"], feats["text_embeds"], feats["text_mask"],
                                       k_test, itm_batch_size, rank, world_size, add_sims=rank_by == "itc+itm")
     return score_i2t.cpu(), score_t2i.cpu()
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Image-caption pairs to score (`scripts/score_pairs.py`): a JSON list of
+    `{"image": path, "caption": str[, "label": 1 | 0]}`; item = (image tensor, normalised caption, index)."""
+
+    def __init__(self, ann_file: str, transform, image_root: str = "", max_words: int = 30):
+        self.transform, self.image_root = transform, image_root
+        self.ann = Annotations(ann_file)
+        self.captions, labels = [], []
+        for i in range(len(self.ann)):
+            caption = self.ann.field(i, "caption")
+            if not isinstance(caption, str):
+                raise AnnotationError(f"{self.ann.where(i)}: 'caption' must be one string, got {type(caption).__name__}")
+            self.captions.append(pre_caption(caption, max_words))
+            label = self.ann[i].get("label")
+            if label not in (None, 0, 1, True, False):
+                raise AnnotationError(f"{self.ann.where(i)}: 'label' must be 1 (match) or 0, got {label!r}")
+            labels.append(label)
+        given = [label is not None for label in labels]
+        if any(given) and not all(given):
+            raise AnnotationError(f"{ann_file}: 'label' is given for {sum(given)} of {len(given)} pairs; give all or none")
+        self.labels = [int(label) for label in labels] if all(given) and given else None
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def __getitem__(self, index: int):
+        path = image_path(self.image_root, self.ann.field(index, "image"))
+        return self.transform(open_image(path, where=self.ann.where(index))), self.captions[index], index
+
+
+def balanced_accuracy(p_match: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> float:
+    """Percent, the mean of the accuracy on true pairs and on false pairs (a model that answers the
+    majority label scores 50 whatever the mix)."""
+    said = p_match > threshold
+    labels = labels.bool()
+    if labels.all() or not labels.any():
+        raise ValueError("balanced accuracy needs both matching and non-matching pairs")
+    return 50.0 * (said[labels].float().mean().item() + (~said[~labels]).float().mean().item())

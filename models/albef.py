@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert, select_image_kv
+from models.checkpoint import verify_checksums
 from models.vilta import ViLTA
 from models.vit import build_vit, load_vit_weights, resize_pos_embed
 
@@ -50,6 +52,8 @@ class ALBEFConfig:
     compile: bool = False
 
     def __post_init__(self):
+        if self.vit_width % self.vit_heads:
+            raise ValueError(f"vit_width ({self.vit_width}) must be divisible by vit_heads ({self.vit_heads})")
         if self.vision_width != self.vit_width:
             raise ValueError(f"vision_width ({self.vision_width}) must equal vit_width ({self.vit_width})")
 
@@ -314,6 +318,16 @@ class ALBEFBase(nn.Module):
         return self.itm_loss(cls_states, out)
 
     @torch.no_grad()
+    def match_scores(self, image, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the pairs (image[n], text n): (ITM p(match) [N], ITC cosine similarity [N]), the two
+        judgements of a trained model on whether a caption fits a picture (to filter noisy web pairs)."""
+        image_embeds, image_feat = self.encode_image(image)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        fused = self.bert.fuse(text_embeds, attention_mask, image_embeds)
+        p_match = F.softmax(self.itm_head(fused[:, 0]).float(), dim=-1)[:, 1]
+        return p_match, (image_feat * text_feat).sum(-1).float()
+
+    @torch.no_grad()
     def queues_for_matmul(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of (image_queue, text_queue) for the ITC matmuls: backward reads them after the queues
         are updated in place. Under autocast the copy is the cast, made once here where each of the four
@@ -490,7 +504,11 @@ class ALBEF(ALBEFBase):
 
 
 def load_checkpoint_file(path: str) -> dict:
-    """`torch.load` that never unpickles arbitrary objects; errors name the file."""
+    """`torch.load` that never unpickles arbitrary objects, after checking the file's stored checksums
+    (`models.checkpoint.verify_checksums`: flipped bytes inside a tensor would load silently); errors name
+    the file."""
+    if os.path.isfile(path):
+        verify_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
