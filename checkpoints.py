@@ -28,7 +28,6 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.albef import CheckpointError, adapt_pos_embed, load_checkpoint_file, load_state_dict_strict
-from models.checkpoint import verify_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +108,7 @@ def remove_stale_tmp(output_dir: str) -> None:
 def load_checkpoint(path: str) -> dict:
     """`torch.load(weights_only=True)` onto the CPU after verifying the file's checksums; errors
     (CheckpointError, ChecksumError) name the file."""
-    if os.path.isfile(path):
-        verify_checksums(path)
-    state = load_checkpoint_file(path)
+    state = load_checkpoint_file(path)  # checksums verified there
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(state).__name__}")
     return state

@@ -46,6 +46,7 @@ from datasets.shards import ShardError
 import checkpoints
 from checkpoints import Preempted, TrainingDiverged
 from models.albef import CheckpointError  # noqa: F401 - re-exported for the scripts
+from models.bert import PretrainedNotFound
 from models.checkpoint import ChecksumError
 
 logger = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ def task_parser(doc: str | None, configs: list[str], output_dir: str, *, checkpo
 
 # A user's mistake, not a bug: the message names the file, key or entry, so the traceback adds nothing.
 USER_ERRORS = (ConfigError, CheckpointError, ChecksumError, AnnotationError, ImageLoadError, ShardError,
-               TrainingDiverged)
+               TrainingDiverged, PretrainedNotFound)
 
 
 def run_main(main: Callable[[list[str]], typing.Any], argv: list[str] | None = None) -> None:

