@@ -1,8 +1,8 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test` (then `make demo-tasks` for every task).
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test venv data clean
+.PHONY: demo demo-tasks test venv data clean
 
 venv: .venv/.installed
 
@@ -11,11 +11,16 @@ venv: .venv/.installed
 	.venv/bin/pip install --quiet -r requirements.txt
 	touch $@
 
-data: venv
-	@test -f data/demo/pretrain.json || $(PY) scripts/prepare_demo_data.py --out data/demo
+data: venv  # itm_test.json: data of an older layout is rebuilt
+	@test -f data/demo/itm_test.json || $(PY) scripts/prepare_demo_data.py --out data/demo
 
 demo: venv data
 	$(PY) scripts/demo.py
+
+# Fine-tunes every task from the demo checkpoint (made first if missing) and from no pretraining.
+demo-tasks: venv data
+	@test -f output/demo_pretrain/checkpoint_last.pth || $(PY) scripts/demo.py
+	$(PY) scripts/demo_tasks.py
 
 test: venv
 	$(PY) -m pytest -q tests

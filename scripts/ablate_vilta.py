@@ -11,12 +11,11 @@ The teacher: MiniLM, the demo's text encoder, ships without its masked-LM head, 
 is MiniLM plus a head trained text-only on the training captions (`--teacher_steps`, seconds). At full
 size no such step is needed: the default teacher is `text_encoder` (bert-base-uncased) itself.
 
-Measured on data/demo/retrieval_test.json (images no run trains on):
-- zero-shot ITC retrieval R@1, text->image and image->text;
-- ITM accuracy (argmax of the ITM head) on each caption with its image (positives) and on three kinds
-  of negatives for the same image: the caption synthesized by the frozen teacher (the same for every
-  run), the caption with one colour, shape or size word swapped for another (a sure mismatch), and the
-  caption of another image;
+Measured on pictures no run trains on, as `make demo` measures (scripts/demo.py):
+- zero-shot retrieval R@1 on data/demo/retrieval_test.json, ranked by ITC and re-ranked by ITM;
+- ITM balanced accuracy on data/demo/itm_test.json: each true caption against itself with the colour,
+  the shape, and the size or position swapped (by kind, and all together);
+- the share of the frozen teacher's synthesized captions (the same for every run) the ITM head rejects;
 - MLM accuracy at 15 % masked positions (fixed draw), reading the image;
 - seconds per training step (wall clock of the whole run over its steps: data, checkpoints included).
 Writes OUT/results.json (every run) and prints mean ± std over seeds as a markdown table.
@@ -41,7 +40,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import Pretrain
 from datasets.base import Annotations
-from datasets.retrieval import RetrievalEvalDataset, evaluate_itc
+from datasets.retrieval import RetrievalEvalDataset
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize
 from datasets.transforms import test_transform
 from models.albef import ALBEF, apply_mlm_mask, draw_mlm_mask
@@ -53,7 +52,9 @@ from models.bert import (
     save_hf_bert,
 )
 from models.vilta import MLMTeacher, ViLTA, ViLTAConfig
-from scripts.prepare_demo_data import COLOURS, SHAPES, SIZES
+from Pretrain import PretrainConfig
+from scripts import demo
+from utils import load_config
 
 logger = logging.getLogger("ablate_vilta")
 CONFIG = "configs/Pretrain_demo.yaml"
@@ -63,7 +64,8 @@ VARIANTS = {
     "synth": ["vilta.synth_negatives=true"],
     "both": ["vilta.mlm_soft_target=both", "vilta.synth_negatives=true"],
 }
-METRICS = ("txt_r1", "img_r1", "itm_pos", "itm_synth", "itm_swap", "itm_other", "itm_balanced", "mlm_acc", "s_per_step")
+METRICS = ("itc_txt_r1", "itc_img_r1", "itm_txt_r1", "itm_img_r1", "itm_colour", "itm_shape", "itm_size", "itm_position",
+           "itm_all", "itm_synth", "mlm_acc", "s_per_step")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--teacher_steps", type=int, default=100)
     p.add_argument("--test_file", default="data/demo/retrieval_test.json")
+    p.add_argument("--pairs", default="data/demo/itm_test.json", help="held-out ITM pairs (score_pairs format)")
     p.add_argument("--image_root", default="data/demo")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep each run's checkpoint_last.pth")
     return p.parse_args(argv)
@@ -114,78 +117,40 @@ def train_teacher(out: str, captions: list[str], tokenizer, steps: int, batch_si
 # ----------------------------------------------------------------------------------- held-out set
 
 
-def swap_attribute(caption: str, rng: random.Random) -> str | None:
-    """The caption with one colour, shape or size word replaced by another of its kind (None: none)."""
-    words = caption.split()
-    kinds = [list(COLOURS), list(SHAPES), list(SIZES)]
-    spots = [(i, kind) for i, w in enumerate(words) for kind in kinds if w in kind]
-    if not spots:
-        return None
-    i, kind = rng.choice(spots)
-    words[i] = rng.choice([w for w in kind if w != words[i]])
-    return " ".join(words)
-
-
 def build_held_out(test_file: str, image_root: str, tokenizer, teacher: MLMTeacher, seed: int = 0) -> dict:
-    """Images, captions and the fixed negatives every run is measured on."""
+    """The held-out captions, the teacher's synthesized negative of each (the same for every run) and
+    one fixed MLM masking draw."""
     dataset = RetrievalEvalDataset(test_file, test_transform(64), image_root)
-    rng = random.Random(seed)
-    texts, txt2img = dataset.texts, dataset.txt2img
-    ids, mask = tokenize(tokenizer, texts, **TOKENIZER_SETTINGS["pretrain"])
+    ids, mask = tokenize(tokenizer, dataset.texts, **TOKENIZER_SETTINGS["pretrain"])
     vilta = ViLTA.build(ViLTAConfig(synth_negatives=True), tokenizer, teacher.model.config, text_encoder=None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         synth_ids, _ = vilta.synthesize(teacher.model, ids, mask)
-    swapped = [swap_attribute(t, rng) for t in texts]
-    others = []
-    for i in range(len(texts)):
-        j = rng.randrange(len(texts))
-        while txt2img[j] == txt2img[i] or texts[j] == texts[i]:
-            j = rng.randrange(len(texts))
-        others.append(j)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
         draws = draw_mlm_mask(ids.shape, 0.15, teacher.model.config.vocab_size, ids.device)
-    examples = [(texts[i], tokenizer.decode(synth_ids[i], skip_special_tokens=True), swapped[i]) for i in range(5)]
-    return {"dataset": dataset, "ids": ids, "mask": mask, "txt2img": torch.tensor(txt2img), "synth_ids": synth_ids,
-            "swapped": swapped, "others": torch.tensor(others), "mlm_draws": draws, "examples": examples}
+    examples = [(dataset.texts[i], tokenizer.decode(synth_ids[i], skip_special_tokens=True)) for i in range(5)]
+    return {"dataset": dataset, "ids": ids, "mask": mask, "txt2img": torch.tensor(dataset.txt2img),
+            "synth_ids": synth_ids, "mlm_draws": draws, "examples": examples}
 
 
 # ------------------------------------------------------------------------------------------ metrics
 
 
 @torch.no_grad()
-def itm_match(model: ALBEF, image_embeds, images: torch.Tensor, ids, mask, batch_size: int = 256) -> torch.Tensor:
-    """[N] bool: the ITM head says caption n matches image images[n]."""
-    out = []
-    for s in range(0, len(ids), batch_size):
-        text = model.bert(ids[s : s + batch_size], mask[s : s + batch_size], mode="text")
-        fused = model.bert.fuse(text, mask[s : s + batch_size], image_embeds[images[s : s + batch_size]])
-        out.append(model.itm_head(fused[:, 0]).argmax(1) == 1)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def evaluate(model: ALBEF, held: dict, tokenizer) -> dict[str, float]:
+def evaluate(model: ALBEF, held: dict, cfg, args) -> dict[str, float]:
+    """`make demo`'s measures (scripts/demo.py: ITC and ITM-re-ranked R@1, ITM balanced accuracy by kind
+    of swap), the share of the teacher's synthesized captions the ITM head rejects, MLM accuracy."""
     model.eval()
-    recall = evaluate_itc(model, held["dataset"], tokenizer, torch.device("cpu"), batch_size=128)
+    metrics = demo.measure(model.state_dict(), cfg, args.test_file, args.pairs)
     images = torch.stack([held["dataset"][i][0] for i in range(len(held["dataset"]))])
     image_embeds = torch.cat([model.encode_image(images[s : s + 128])[0] for s in range(0, len(images), 128)])
-    ids, mask, txt2img = held["ids"], held["mask"], held["txt2img"]
-    pos = itm_match(model, image_embeds, txt2img, ids, mask)
-    synth = itm_match(model, image_embeds, txt2img, held["synth_ids"], mask)
-    other = itm_match(model, image_embeds, txt2img, ids[held["others"]], mask[held["others"]])
-    has_swap = [i for i, t in enumerate(held["swapped"]) if t is not None]
-    swap_ids, swap_mask = tokenize(tokenizer, [held["swapped"][i] for i in has_swap], **TOKENIZER_SETTINGS["pretrain"])
-    swap = itm_match(model, image_embeds, txt2img[has_swap], swap_ids, swap_mask)
-    negatives = torch.cat([~synth, ~swap, ~other]).float().mean()
+    ids, mask, rows = held["ids"], held["mask"], held["txt2img"]
+    text = model.bert(held["synth_ids"], mask, mode="text")
+    synth_match = model.itm_head(model.bert.fuse(text, mask, image_embeds[rows])[:, 0]).argmax(1) == 1
     masked, labels = apply_mlm_mask(ids, held["mlm_draws"], model.bert_cfg)
-    hidden = model.text_encoder.bert(masked, mask, image_embeds[txt2img])[labels != -100]
+    hidden = model.text_encoder.bert(masked, mask, image_embeds[rows])[labels != -100]
     mlm_acc = (model.text_encoder.cls(hidden).argmax(1) == labels[labels != -100]).float().mean()
-    return {"txt_r1": recall["txt_r1"], "img_r1": recall["img_r1"], "itm_pos": 100 * pos.float().mean().item(),
-            "itm_synth": 100 * (~synth).float().mean().item(), "itm_swap": 100 * (~swap).float().mean().item(),
-            "itm_other": 100 * (~other).float().mean().item(),
-            "itm_balanced": 100 * (pos.float().mean().item() + negatives.item()) / 2, "mlm_acc": 100 * mlm_acc.item()}
+    return {k: metrics[k] for k in METRICS if k in metrics} | {
+        "itm_synth": 100 * (~synth_match).float().mean().item(), "mlm_acc": 100 * mlm_acc.item()}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -237,8 +202,9 @@ def main(argv=None) -> list[dict]:
     teacher_dir = train_teacher(os.path.join(args.out, "teacher"), captions, tokenizer, args.teacher_steps)
     teacher = MLMTeacher.from_pretrained(teacher_dir, len(tokenizer))
     held = build_held_out(args.test_file, args.image_root, tokenizer, teacher)
-    for original, synth, swapped in held["examples"]:
-        logger.info("held-out negatives: %r | teacher: %r | swap: %r", original, synth, swapped)
+    for original, synth in held["examples"]:
+        logger.info("held-out caption: %r | teacher's synthesized negative: %r", original, synth)
+    cfg, _ = load_config(CONFIG, [], PretrainConfig)
     results_path = os.path.join(args.out, "results.json")
     results = []
     if os.path.exists(results_path):  # runs already done are kept, so a stopped ablation continues
@@ -252,7 +218,7 @@ def main(argv=None) -> list[dict]:
                 continue
             model, seconds = run(variant, seed, args, teacher_dir)
             row = {"variant": variant, "seed": seed, "budget": budget, "amp": args.amp,
-                   "s_per_step": seconds / steps_per_run} | evaluate(model, held, tokenizer)
+                   "s_per_step": seconds / steps_per_run} | evaluate(model, held, cfg, args)
             logger.info("result: %s", row)
             results.append(row)
             with open(results_path, "w") as f:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import easy_vqa
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datasets.grounding import compute_iou as iou  # noqa: E402  the metric's own IoU
@@ -112,6 +112,44 @@ def measure(key: str, source: Path) -> Item:
                 box)
 
 
+def draw_picture(path: Path, rng: random.Random, side: int = 64) -> tuple[str, str]:
+    """One more picture of easy-vqa's kind at `path`: a light uniform background (each channel 230-255),
+    one shape in one of the 8 colours, drawn at 2x and bilinearly downsampled. Returns (colour, shape)."""
+    big = 2 * side
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    image = Image.new("RGB", (big, big), tuple(rng.randint(230, 255) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    if shape == "rectangle":
+        w, h = rng.randint(big // 8, big * 3 // 4), rng.randint(big // 8, big * 3 // 4)
+        x, y = rng.randint(0, big - w), rng.randint(0, big - h)
+        draw.rectangle([x, y, x + w - 1, y + h - 1], fill=COLOURS[colour])
+    elif shape == "circle":
+        d = rng.randint(big // 5, big * 3 // 4)
+        x, y = rng.randint(0, big - d), rng.randint(0, big - d)
+        draw.ellipse([x, y, x + d - 1, y + d - 1], fill=COLOURS[colour])
+    else:
+        s = rng.randint(big // 5, big * 3 // 4)
+        x, y = rng.randint(0, big - s), rng.randint(0, big - s)
+        draw.polygon([(x, y + s - 1), (x + s - 1, y + s - 1), (x + (s - 1) / 2, y)], fill=COLOURS[colour])  # apex up
+    image.resize((side, side), Image.BILINEAR).save(path)
+    return colour, shape
+
+
+def generated_items(n: int, folder: Path, seed: int) -> list[Item]:
+    """`n` drawn pictures (`gen_<k>.png` in `folder`), measured like easy-vqa's; the drawn colour and
+    shape are the truth, as easy-vqa's answers are for its own pictures."""
+    rng = random.Random(f"draw-{seed}")
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for k in range(n):
+        path = folder / f"gen_{k}.png"
+        colour, shape = draw_picture(path, rng)
+        item = measure(f"gen_{k}", path)
+        item.colour, item.shape = colour, shape
+        items.append(item)
+    return items
+
+
 def read_questions() -> dict[str, list[tuple[str, str]]]:
     """easy-vqa's (question, answer) pairs by image key."""
     out: dict[str, list[tuple[str, str]]] = {}
@@ -141,9 +179,11 @@ def known_attributes(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 def load_items(limit: int | None, questions: dict[str, list[tuple[str, str]]]) -> tuple[list[Item], dict]:
     """Measure every image (the first `limit` ones); let easy-vqa's answers override; size tertiles."""
-    paths = [(f"train_{i}", p) for i, p in sorted(easy_vqa.get_train_image_paths().items())]
-    paths += [(f"test_{i}", p) for i, p in sorted(easy_vqa.get_test_image_paths().items())]
-    items = [measure(key, Path(p)) for key, p in paths[:limit]]
+    train = [(f"train_{i}", p) for i, p in sorted(easy_vqa.get_train_image_paths().items())]
+    test = [(f"test_{i}", p) for i, p in sorted(easy_vqa.get_test_image_paths().items())]
+    if limit is not None:  # keep easy-vqa's 4:1 train/test proportion
+        train, test = train[: limit - limit // 5], test[: limit // 5]
+    items = [measure(key, Path(p)) for key, p in train + test]
     agree: dict[str, list[bool]] = {"colour": [], "shape": []}
     for item in items:
         known = known_attributes(questions.get(item.key, []))
@@ -226,6 +266,41 @@ def ve_entries(items: list[Item], rng: random.Random) -> list[dict]:
             {"image": item.image, "sentence": f"the {item.colour} {item.shape} {rng.choice(UNKNOWABLE)}",
              "label": "neutral"},
         ]
+    return out
+
+
+def far_positions(pos: str) -> list[str]:
+    """Grid cells two steps away from `pos` (a neighbouring cell may hold a shape on its border); for the
+    center, the corners."""
+    if pos == "center":
+        return [p for p in GRID if " " in p]
+    r, c = divmod(GRID.index(pos), 3)
+    return [p for k, p in enumerate(GRID) if max(abs(k // 3 - r), abs(k % 3 - c)) == 2]
+
+
+def itm_pairs(items: list[Item], rng: random.Random) -> list[dict]:
+    """Held-out ITM pairs for `scripts/score_pairs.py`: each caption of each image (label 1) against the
+    same template with the colour swapped, with the shape swapped, and with the size or the position
+    swapped (whichever the template names; label 0, `kind` says which). Swapped sizes skip a tertile
+    (small <-> large; medium -> either) and positions move two grid cells, so no negative sits on a
+    boundary the pixels cannot settle."""
+    other_size = {"small": ["large"], "medium": ["small", "large"], "large": ["small"]}
+    out = []
+    for item in items:
+        slots = dict(size=item.size, colour=item.colour, shape=item.shape, pos=item.pos, where=IN_PHRASE[item.pos])
+        for template in rng.sample(CAPTIONS, 3):
+            out.append({"image": item.image, "caption": template.format(**slots), "label": 1, "kind": "match"})
+            changes = [("colour", "colour", rng.choice([c for c in COLOURS if c != item.colour])),
+                       ("shape", "shape", rng.choice([s for s in SHAPES if s != item.shape]))]
+            places = [("size", "size", rng.choice(other_size[item.size]))] if "{size}" in template else []
+            if "{pos}" in template or "{where}" in template:
+                pos = rng.choice(far_positions(item.pos))
+                places.append(("position", "pos", pos))
+            if places:
+                changes.append(rng.choice(places))
+            for kind, slot, value in changes:
+                wrong = slots | {slot: value} | ({"where": IN_PHRASE[value]} if slot == "pos" else {})
+                out.append({"image": item.image, "caption": template.format(**wrong), "label": 0, "kind": kind})
     return out
 
 
@@ -330,35 +405,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("data/demo"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (tests)")
+    parser.add_argument("--extra", type=int, default=0,
+                        help="drawn pictures of the same kind added to the training split (pretraining and every task)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     questions = read_questions()
     items, stats = load_items(args.limit, questions)
+    for item in generated_items(args.extra, args.out / "images", args.seed):
+        item.size = SIZES[int(np.searchsorted(stats["size_cuts"], item.box_frac, side="right"))]
+        items.append(item)
     rng = random.Random(args.seed)
     for item in items:  # captions first, in a fixed order, so the split does not change them
         item.captions = describe(item, rng)
-    order = list(items)
-    rng.shuffle(order)
-    n_ret, n_held = round(0.05 * len(order)), round(0.2 * len(order))
-    ret_val, ret_test = order[:n_ret], order[n_ret:2 * n_ret]
-    held = order[2 * n_ret:2 * n_ret + n_held]
-    dev, test, train = held[:n_held // 2], held[n_held // 2:], order[2 * n_ret + n_held:]
+    train = [i for i in items if not i.key.startswith("test_")]
+    held = [i for i in items if i.key.startswith("test_")]  # easy-vqa's test pictures: no run trains on them
+    rng.shuffle(train)
+    rng.shuffle(held)
+    quarter = len(held) // 4
+    ret_val, ret_test, dev, test = (held[k * quarter:(k + 1) * quarter] for k in range(4))
 
     images = args.out / "images"
     images.mkdir(parents=True, exist_ok=True)
     for stale in set(images.glob("*.png")) - {images / f"{i.key}.png" for i in items}:
         stale.unlink()
     for item in items:
-        shutil.copyfile(item.source, images / f"{item.key}.png")
+        if item.source != images / f"{item.key}.png":  # drawn pictures are written in place
+            shutil.copyfile(item.source, images / f"{item.key}.png")
     vqa_train = vqa_entries(train, questions, 0)
     files: dict[str, list] = {
         "pretrain": [{"image": i.image, "caption": i.captions} for i in train],
-        "retrieval_train": [{"image": i.image, "caption": c, "image_id": n}
-                            for n, i in enumerate(train) for c in i.captions],
+        "retrieval_train": [{"image": i.image, "caption": i.captions[n % len(i.captions)], "image_id": n}
+                            for n, i in enumerate(train)],  # one caption per picture: a demo-sized epoch
         "retrieval_val": [{"image": i.image, "caption": i.captions} for i in ret_val],
         "retrieval_test": [{"image": i.image, "caption": i.captions} for i in ret_test],
         "vqa_train": vqa_train,
-        "vqa_test": vqa_entries(held, questions, len(vqa_train)),
+        "vqa_test": vqa_entries(sorted(held, key=lambda i: int(i.key[5:])), questions, len(vqa_train)),
+        "itm_val": itm_pairs(ret_val, rng),
+        "itm_test": itm_pairs(ret_test, rng),
         "answer_list": easy_vqa.get_answers(),
     }
     for split, split_items in (("train", train), ("dev", dev), ("test", test)):

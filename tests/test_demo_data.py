@@ -1,6 +1,7 @@
 """scripts/prepare_demo_data.py on the first 200 easy-vqa images: formats, splits, balance, detection."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from scripts import prepare_demo_data as demo
 
 LIMIT = 200
 FILES = ("pretrain", "retrieval_train", "retrieval_val", "retrieval_test", "vqa_train", "vqa_test", "answer_list",
-         "nlvr_train", "nlvr_dev", "nlvr_test", "ve_train", "ve_dev", "ve_test", "meta")
+         "nlvr_train", "nlvr_dev", "nlvr_test", "ve_train", "ve_dev", "ve_test", "itm_val", "itm_test", "meta")
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,51 @@ def test_meta_and_rerun_gives_identical_files(out: Path, tmp_path: Path) -> None
     demo.main(["--out", str(tmp_path), "--limit", str(LIMIT), "--seed", "0"])
     for name in FILES:
         assert (tmp_path / f"{name}.json").read_bytes() == (out / f"{name}.json").read_bytes(), name
+
+
+def test_splits_follow_easy_vqa(out: Path) -> None:
+    """Training pictures are easy-vqa's train split; every held-out file reads its test split, and VQA is
+    scored on easy-vqa's own test questions, all of them."""
+    for name in ("pretrain", "retrieval_train", "vqa_train", "ve_train"):
+        assert all(Path(e["image"]).stem.startswith("train_") for e in load(out, name)), name
+    for name in ("retrieval_val", "retrieval_test", "vqa_test", "ve_dev", "ve_test", "itm_val", "itm_test"):
+        assert all(Path(e["image"]).stem.startswith("test_") for e in load(out, name)), name
+    test_images = sorted(easy_vqa.get_test_image_paths())[: LIMIT // 5]
+    texts, answers, image_ids = easy_vqa.get_test_questions()
+    expected = sorted((q, a) for q, a, i in zip(texts, answers, image_ids) if i in set(test_images))
+    assert sorted((e["question"], e["answer"][0]) for e in load(out, "vqa_test")) == expected
+
+
+def test_itm_pairs_swap_one_attribute(out: Path) -> None:
+    """Each true caption comes with itself with the colour swapped, the shape swapped, and (where the
+    template names one) the size or the position swapped: the same words but for that one slot."""
+    pairs = load(out, "itm_test")
+    assert {e["image"] for e in pairs} == {e["image"] for e in load(out, "retrieval_test")}
+    kinds = Counter(e["kind"] for e in pairs)
+    assert kinds["match"] == kinds["colour"] == kinds["shape"] > 0 and kinds["size"] + kinds["position"] > 0
+    words = {"colour": set(demo.COLOURS), "shape": set(demo.SHAPES), "size": set(demo.SIZES)}
+    truth = None
+    for e in pairs:
+        assert e["label"] == (e["kind"] == "match")
+        if e["kind"] == "match":
+            truth = re.findall(r"[a-z]+", e["caption"])
+            continue
+        wrong = re.findall(r"[a-z]+", e["caption"])
+        if e["kind"] in words:
+            assert len(wrong) == len(truth)
+            diff = [(a, b) for a, b in zip(truth, wrong) if a != b]
+            assert len(diff) == 1 and {diff[0][0], diff[0][1]} <= words[e["kind"]], (truth, wrong)
+        else:
+            assert wrong != truth and set(truth) & words["colour"] == set(wrong) & words["colour"]
+
+
+def test_drawn_pictures_join_training_only(tmp_path: Path) -> None:
+    meta = demo.main(["--out", str(tmp_path), "--limit", "40", "--extra", "12"])
+    drawn = [e for e in load(tmp_path, "pretrain") if Path(e["image"]).stem.startswith("gen_")]
+    assert len(drawn) == 12 and meta["split_images"]["pretrain"] == 32 + 12
+    for e in drawn:  # the caption names the drawn colour and shape, read back from the pixels
+        item = demo.measure("x", tmp_path / e["image"])
+        words = re.findall(r"[a-z]+", e["caption"][0])
+        assert item.pixel_colour in words
+        assert item.pixel_shape in words or item.box_frac < 0.05  # tiny shapes blur
+    assert not any(Path(e["image"]).stem.startswith("gen_") for e in load(tmp_path, "vqa_train"))

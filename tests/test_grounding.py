@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 import Grounding
@@ -149,8 +150,9 @@ def small_opts(demo: Path, tmp: Path) -> list[str]:
 def pretrain_checkpoint(tmp: Path) -> Path:
     """A random pretraining-layout checkpoint of the small sizes (converted on load, as the original)."""
     torch.manual_seed(0)
-    cfg = ALBEFConfig(image_res=64, vit_width=32, vision_width=32, vit_depth=1, vit_heads=2, embed_dim=16,
-                      queue_size=8, text_encoder=None)
+    patch = yaml.safe_load(Path(DEMO_CONFIG).read_text())["vit_patch_size"]  # the demo config's ViT grid
+    cfg = ALBEFConfig(image_res=64, vit_patch_size=patch, vit_width=32, vision_width=32, vit_depth=1, vit_heads=2,
+                      embed_dim=16, queue_size=8, text_encoder=None)
     path = tmp / "pretrain.pth"
     torch.save({"model": ALBEF(cfg, BertConfig.from_json(str(tmp / "bert.json"))).state_dict()}, path)
     return path
