@@ -100,6 +100,17 @@ def print_table(results: dict) -> None:
                   f"{r['minutes']['pretrained']:>5.1f}/{r['minutes']['scratch']:.1f}")
 
 
+def save_results(path: str, results: dict) -> None:
+    """Write `results` into the JSON file at `path`, keeping the other tasks' entries already there (a
+    `--tasks` rerun updates its rows only)."""
+    kept = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)
+    with open(path, "w") as f:
+        json.dump(kept | results, f, indent=1)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="output/demo_pretrain/checkpoint_last.pth")
@@ -128,8 +139,7 @@ def main(argv=None) -> dict:
             results[task][name] = read_metrics(task, out)
             if task == "vqa":  # no validation split: the final weights are the fine-tuned model
                 shutil.copyfile(os.path.join(out, "checkpoint_last.pth"), os.path.join(out, "checkpoint_best.pth"))
-        with open(results_path, "w") as f:
-            json.dump(results | {"checkpoint": args.checkpoint}, f, indent=1)
+        save_results(results_path, results | {"checkpoint": args.checkpoint})
     print_table(results)
     print(f"\nall runs {(time.time() - start) / 60:.1f} min; results in {results_path}")
     return results

