@@ -407,3 +407,21 @@ def test_mlm_head_at_masked_positions_gives_the_full_pass_loss(monkeypatch):
         monkeypatch.setattr(model, "sample_negatives", lambda a, b: (torch.tensor([1, 0, 3, 2]),) * 2)
         losses.append(model(image, ids, mask, alpha=0.4, return_outputs=full)["loss_mlm"])
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
+
+
+def test_head_counts_that_do_not_divide_the_width_name_the_keys():
+    from models.albef import ALBEFConfig
+    from models.bert import BertConfig
+
+    with pytest.raises(ValueError, match=r"vit_width \(100\) must be divisible by vit_heads \(3\)"):
+        ALBEFConfig(vit_width=100, vision_width=100, vit_heads=3)
+    with pytest.raises(ValueError, match=r"hidden_size \(100\) must be divisible by num_attention_heads \(3\)"):
+        BertConfig(hidden_size=100, num_attention_heads=3)
+
+
+def test_text_encoder_neither_local_nor_on_the_hub_is_one_clear_error(monkeypatch):
+    from models.bert import PretrainedNotFound, resolve_pretrained
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub: fail at once either way
+    with pytest.raises(PretrainedNotFound, match="not a local folder .* set text_encoder"):
+        resolve_pretrained("no-such-org/no-such-bert")
