@@ -140,9 +140,8 @@ def test_hard_negative_row_with_no_valid_column_falls_back_to_others():
     assert torch.equal(w, 1 - torch.eye(3))
 
 
-def test_forward_with_image_ids_excludes_same_image_pairs(monkeypatch):
-    model = tiny_model()
-    image, ids, mask = tiny_batch()
+def record_negative_weights(model, monkeypatch) -> dict:
+    """The hard-negative sampling weights of the model's next forward, by direction ("t2i", "i2t")."""
     seen = {}
 
     def record(w_t2i, w_i2t):
@@ -150,6 +149,13 @@ def test_forward_with_image_ids_excludes_same_image_pairs(monkeypatch):
         return torch.multinomial(w_t2i, 1).squeeze(1), torch.multinomial(w_i2t, 1).squeeze(1)
 
     monkeypatch.setattr(model, "sample_negatives", record)
+    return seen
+
+
+def test_forward_with_image_ids_excludes_same_image_pairs(monkeypatch):
+    model = tiny_model()
+    image, ids, mask = tiny_batch()
+    seen = record_negative_weights(model, monkeypatch)
     model(image, ids, mask, alpha=0.4, image_ids=torch.tensor([7, 7, 8, 9]))
     for w in seen.values():
         assert w[0, 1] == 0 and w[1, 0] == 0 and (w.diagonal() == 0).all()
@@ -160,13 +166,7 @@ def test_forward_with_image_ids_excludes_same_image_pairs(monkeypatch):
 def test_hard_negatives_never_pick_the_positive_when_every_image_differs(model_cls, image_ids, monkeypatch):
     model = tiny(model_cls)
     image, ids, mask = tiny_batch()
-    seen = {}
-
-    def record(w_t2i, w_i2t):
-        seen.update(t2i=w_t2i, i2t=w_i2t)
-        return torch.multinomial(w_t2i, 1).squeeze(1), torch.multinomial(w_i2t, 1).squeeze(1)
-
-    monkeypatch.setattr(model, "sample_negatives", record)
+    seen = record_negative_weights(model, monkeypatch)
     if model_cls is ALBEF:
         model(image, ids, mask, alpha=0.4, image_ids=image_ids)
     else:
