@@ -120,7 +120,9 @@ def main(argv=None) -> dict:
     p.add_argument("--skip_scratch", action="store_true", help="only the runs from the checkpoint")
     args = p.parse_args(argv)
     if not os.path.isfile(args.checkpoint):
-        sys.exit(f"error: {args.checkpoint} not found: run `make demo` first (it writes the demo checkpoint)")
+        print(f"error: {args.checkpoint} not found: run `make demo` first (it writes the demo checkpoint)",
+              file=sys.stderr)
+        sys.exit(2)
 
     start = time.time()
     results_path = os.path.join(args.output_dir, "results.json")
