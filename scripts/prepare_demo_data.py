@@ -12,9 +12,10 @@ alpha centre of mass on a 3x3 grid; size = tertiles of that box's area over the 
 Where easy-vqa's answers name an image's colour or shape they win (the agreement of the pixel
 reading with them is printed and kept in meta.json); they agree on ~100 %.
 
-All images are pooled and shuffled by seed: 5 % retrieval val, 5 % retrieval test, 20 % held out
-(halved into downstream dev and test), the rest (70 %, 3,500) pretrain, which is also every task's
-train split. VQA has no dev split in ALBEF, so vqa_test covers the whole held-out 20 %.
+easy-VQA's 4,000 train pictures (plus `--extra` drawn ones) are every task's training split; its 1,000
+test pictures, shuffled by seed, are held out in quarters: retrieval val, retrieval test (and the ITM
+swap pairs itm_val / itm_test on those two), downstream dev and test. VQA is scored on easy-VQA's own
+test questions, all of them.
 NLVR: each pair of images gets one True and one False sentence of the same template (balanced).
 VE: per image an entailment (true statement), a contradiction (one wrong colour, shape or position,
 half of them with an extra clause) and a neutral: the true colour and shape plus a clause the
@@ -399,6 +400,16 @@ def write_json(path: Path, data: object) -> int:
     return len(data)  # type: ignore[arg-type]
 
 
+def copy_images(items: list[Item], folder: Path) -> None:
+    """Every item's picture as `folder/<key>.png` (drawn ones are already there); other PNGs removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in set(folder.glob("*.png")) - {folder / f"{i.key}.png" for i in items}:
+        stale.unlink()
+    for item in items:
+        if item.source != folder / f"{item.key}.png":
+            shutil.copyfile(item.source, folder / f"{item.key}.png")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Write every JSON file and copy the images under --out; return meta.json's content."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -424,13 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
     quarter = len(held) // 4
     ret_val, ret_test, dev, test = (held[k * quarter:(k + 1) * quarter] for k in range(4))
 
-    images = args.out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    for stale in set(images.glob("*.png")) - {images / f"{i.key}.png" for i in items}:
-        stale.unlink()
-    for item in items:
-        if item.source != images / f"{item.key}.png":  # drawn pictures are written in place
-            shutil.copyfile(item.source, images / f"{item.key}.png")
+    copy_images(items, args.out / "images")
     vqa_train = vqa_entries(train, questions, 0)
     files: dict[str, list] = {
         "pretrain": [{"image": i.image, "caption": i.captions} for i in train],
