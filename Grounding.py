@@ -44,10 +44,10 @@ from datasets.grounding import (
 from datasets.retrieval import collate_retrieval
 from datasets.text import build_tokenizer
 from datasets.transforms import test_transform, train_transform
-from models.albef import build_bert_config, load_checkpoint_file, load_state_dict_strict
+from models.albef import build_bert_config
 from models.bert import resolve_pretrained
 from models.gradcam import check_block_num, gradcam
-from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, retrieval_state_dict
+from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, load_retrieval_weights
 
 logger = logging.getLogger("Grounding")
 
@@ -96,9 +96,7 @@ def build_model(cfg: GroundingConfig, checkpoint: str | None, resume: str | None
     model = ALBEFRetrieval(cfg, build_bert_config(cfg))
     check_block_num(model, cfg.block_num, cfg.gradcam_mode)  # before any slow loading
     if checkpoint:
-        ckpt = load_checkpoint_file(checkpoint)
-        sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-        load_state_dict_strict(model, retrieval_state_dict(sd, model), checkpoint)
+        load_retrieval_weights(model, checkpoint)
         logger.info("weights from %s", checkpoint)
     elif not resume:
         logger.warning("no --checkpoint: starting from %s and a %s ViT", cfg.text_encoder, cfg.vit_init or "random")

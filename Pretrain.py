@@ -25,7 +25,8 @@ from datasets.retrieval import evaluate_itc
 from datasets.shards import PretrainShards
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize
 from datasets.transforms import test_transform, train_transform
-from models.albef import ALBEF, ALBEFConfig, build_bert_config, load_model_checkpoint
+from models.albef import ALBEF, ALBEFConfig, build_bert_config
+from models.checkpoint import load_weights
 from models.bert import resolve_pretrained
 from models.vilta import ViLTA, ViLTAConfig
 
@@ -74,7 +75,7 @@ def main(argv=None) -> ALBEF:
 
     model = ALBEF(cfg, bert_cfg)
     if args.checkpoint:
-        load_model_checkpoint(model, args.checkpoint)
+        load_weights(model, args.checkpoint)
     elif not args.resume:
         model.init_pretrained_encoders()
     model.to(dist.device)

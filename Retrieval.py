@@ -47,9 +47,9 @@ from datasets.retrieval import (
 )
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
-from models.albef import build_bert_config, load_checkpoint_file, load_state_dict_strict
+from models.albef import build_bert_config, load_state_dict_strict
 from models.bert import resolve_pretrained
-from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, retrieval_state_dict
+from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, load_retrieval_weights
 
 logger = logging.getLogger("Retrieval")
 
@@ -97,9 +97,7 @@ def main(argv=None) -> dict:
               for s, f in (("val", cfg.val_file), ("test", cfg.test_file))}
     model = ALBEFRetrieval(cfg, build_bert_config(cfg))
     if args.checkpoint:
-        ckpt = load_checkpoint_file(args.checkpoint)
-        sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-        load_state_dict_strict(model, retrieval_state_dict(sd, model), args.checkpoint)
+        load_retrieval_weights(model, args.checkpoint)
         logger.info("weights from %s", args.checkpoint)
     elif not args.resume:
         logger.warning("no --checkpoint: starting from %s and a %s ViT", cfg.text_encoder, cfg.vit_init or "random")

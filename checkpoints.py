@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from models.albef import CheckpointError, adapt_pos_embed, load_checkpoint_file, load_state_dict_strict
+from models.checkpoint import CheckpointError, adapt_pos_embed, load_checkpoint_file, load_state_dict_strict
 
 logger = logging.getLogger(__name__)
 

@@ -41,13 +41,12 @@ from torch.utils.data import (
 )
 
 from datasets.base import AnnotationError, ImageLoadError
-from datasets.loaders import SKIPPED, loader_position
+from datasets.loaders import SKIPPED, DistInfo, loader_position  # DistInfo: re-exported for the scripts
 from datasets.shards import ShardError
 import checkpoints
 from checkpoints import Preempted, TrainingDiverged
-from models.albef import CheckpointError  # noqa: F401 - re-exported for the scripts
 from models.bert import PretrainedNotFound
-from models.checkpoint import ChecksumError
+from models.checkpoint import CheckpointError, ChecksumError
 
 logger = logging.getLogger(__name__)
 
@@ -340,20 +339,6 @@ def setup_task(args: argparse.Namespace, schema: type) -> tuple["DistInfo", typi
 
 
 # --------------------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits. World size 1 has no process group and runs the same code."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed(device: str | None = None) -> DistInfo:

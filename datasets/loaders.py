@@ -18,7 +18,7 @@ import os
 import random
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,10 +33,22 @@ from torch.utils.data import (
 from datasets.base import FAILURES_BEFORE_GIVING_UP
 from datasets.shards import CorruptSample, ShardError
 
-if TYPE_CHECKING:
-    from utils import DistInfo
-
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits (`utils.init_distributed` fills it in). World size 1 has no process group
+    and runs the same code. Defined here, the lowest layer that needs it, so the loaders need no engine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def _place(dist: DistInfo | None) -> tuple[int, int, bool]:

@@ -15,7 +15,6 @@ import torch
 
 from datasets.base import AnnotationError, Annotations, image_path, open_image
 from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
-from models.retrieval import rerank_itm, shape_agnostic_attention
 
 
 def index_captions(ann: list[dict]) -> tuple[list[str], list[list[int]], list[int]]:
@@ -139,42 +138,11 @@ RANK_MODES = ("itm", "itc", "itc+itm")
 @torch.no_grad()
 def retrieval_features(model, dataset: RetrievalEvalDataset, tokenizer, device, batch_size: int = 256,
                        num_workers: int = 0) -> dict[str, torch.Tensor]:
-    """Every gallery feature the evaluation needs, on `device`: text-mode states `text_embeds` [T, 30, H]
-    with `text_mask` [T, 30] and `text_feat` [T, E]; ViT states `image_embeds` [I, N, W] and
-    `image_feat` [I, E] (normalised projected CLS, as `itc_similarity`).
-
-    Texts run in order of length, each batch cut to its longest text; the states of padded positions
-    are left at 0 (the original computes them, but being masked keys they never reach a score).
-    """
-    model.eval()
-    with shape_agnostic_attention():  # text batches differ in length
-        return _retrieval_features(model, dataset, tokenizer, device, batch_size, num_workers)
-
-
-def _retrieval_features(model, dataset, tokenizer, device, batch_size: int, num_workers: int) -> dict:
+    """Every gallery feature the evaluation needs (`ALBEFRetrieval.gallery_features`): texts tokenised as
+    the original's evaluation, images `batch_size` at a time."""
     input_ids, attention_mask = tokenize(tokenizer, dataset.texts, **TOKENIZER_SETTINGS["retrieval_eval"])
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    lengths = attention_mask.sum(1)
-    order = torch.sort(lengths, stable=True).indices
-    text_embeds = text_feat = None
-    for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
-        L = int(lengths[rows].max())
-        embeds, feat = model.encode_text(input_ids[rows, :L], attention_mask[rows, :L])
-        if text_embeds is None:
-            text_embeds = embeds.new_zeros(len(order), input_ids.shape[1], embeds.shape[-1])
-            text_feat = feat.new_empty(len(order), feat.shape[-1])
-        text_embeds[rows, :L] = embeds * attention_mask[rows, :L, None].to(embeds.dtype)
-        text_feat[rows] = feat
-    image_embeds, image_feat = [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    for images, _ in loader:
-        embeds, feat = model.encode_image(images.to(device))
-        image_embeds.append(embeds)
-        image_feat.append(feat)
-    return {"text_embeds": text_embeds, "text_mask": attention_mask, "text_feat": text_feat,
-            "image_embeds": torch.cat(image_embeds),
-            "image_feat": torch.cat(image_feat)}
+    images = (x for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    return model.gallery_features(input_ids, attention_mask, images, batch_size, device)
 
 
 def feature_similarity(feats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,8 +165,7 @@ def retrieval_scores(model, feats: dict[str, torch.Tensor], k_test: int, rank_by
     sims = feature_similarity(feats)
     if rank_by == "itc":
         return sims.cpu(), sims.T.contiguous().cpu()
-    score_i2t, score_t2i = rerank_itm(model, sims, feats["image_embeds"], feats["text_embeds"], feats["text_mask"],
-                                      k_test, itm_batch_size, rank, world_size, add_sims=rank_by == "itc+itm")
+    score_i2t, score_t2i = model.rerank(sims, feats, k_test, itm_batch_size, rank, world_size, rank_by == "itc+itm")
     return score_i2t.cpu(), score_t2i.cpu()
 
 
@@ -231,6 +198,16 @@ class PairDataset(torch.utils.data.Dataset):
         path = image_path(self.image_root, self.ann.field(index, "image"))
         return self.transform(open_image(path, where=self.ann.where(index))), self.captions[index], index
 
+    def collate_fn(self, tokenizer):
+        """Batches of {"image", "input_ids", "attention_mask"}, tokenised as the retrieval evaluation."""
+        return functools.partial(_collate_pairs, tokenizer=tokenizer)
+
+
+def _collate_pairs(samples, tokenizer) -> dict[str, torch.Tensor]:
+    images, captions, _ = zip(*samples)
+    input_ids, attention_mask = tokenize(tokenizer, list(captions), **TOKENIZER_SETTINGS["retrieval_eval"])
+    return {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask}
+
 
 def balanced_accuracy(p_match: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> float:
     """Percent, the mean of the accuracy on true pairs and on false pairs (a model that answers the
@@ -240,3 +217,14 @@ def balanced_accuracy(p_match: torch.Tensor, labels: torch.Tensor, threshold: fl
     if labels.all() or not labels.any():
         raise ValueError("balanced accuracy needs both matching and non-matching pairs")
     return 50.0 * (said[labels].float().mean().item() + (~said[~labels]).float().mean().item())
+
+
+def accuracy_by_kind(p_match: torch.Tensor, labels: list[int], kinds: list[str] | None) -> dict[str, float]:
+    """ITM balanced accuracy over all pairs ("all") and, per kind of non-matching pair, of the matching
+    pairs against that kind alone."""
+    labels_t = torch.tensor(labels)
+    out = {"all": balanced_accuracy(p_match, labels_t)}
+    for kind in sorted({k for k, y in zip(kinds or [], labels) if y == 0}):
+        keep = torch.tensor([y == 1 or k == kind for k, y in zip(kinds, labels)])
+        out[kind] = balanced_accuracy(p_match[keep], labels_t[keep])
+    return out

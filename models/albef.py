@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert, select_image_kv
-from models.checkpoint import verify_checksums
+from models.checkpoint import CheckpointError, adapt_pos_embed, load_checkpoint_file, load_state_dict_strict  # noqa: F401 - re-exported
 from models.vilta import ViLTA
-from models.vit import build_vit, load_vit_weights, resize_pos_embed
+from models.vit import build_vit, load_vit_weights
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +62,6 @@ class ALBEFConfig:
         if not source:
             raise ValueError("set `tokenizer` (or `text_encoder`) to a BERT name or folder with a vocab.txt")
         return source
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, not loadable with weights_only, or of another model or size."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -500,82 +494,6 @@ class ALBEF(ALBEFBase):
                        image_feat_m=image_feat_m, text_feat_m=text_feat_m)
             return losses | out
         return losses
-
-
-# --------------------------------------------------------------------------------------- checkpoints
-
-
-def load_checkpoint_file(path: str) -> dict:
-    """`torch.load` that never unpickles arbitrary objects, after checking the file's stored checksums
-    (`models.checkpoint.verify_checksums`: flipped bytes inside a tensor would load silently); errors name
-    the file."""
-    if os.path.isfile(path):
-        verify_checksums(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a loadable checkpoint (weights_only): {type(e).__name__}: {e}") from e
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str) -> None:
-    """`load_state_dict(strict=True)` whose error lists missing, unexpected and mis-shaped keys at once."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def head(xs):
-            return "; ".join(xs[:10]) + (f"; ... ({len(xs)} in all)" if len(xs) > 10 else "")
-        raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: "
-            f"missing {len(missing)} [{head(missing)}], unexpected {len(unexpected)} [{head(unexpected)}], "
-            f"shape mismatches {len(shapes)} [{head(shapes)}]"
-        )
-    model.load_state_dict(state_dict, strict=True)
-
-
-def adapt_pos_embed(state_dict: dict, model: nn.Module) -> dict:
-    """Resize `visual_encoder(_m).pos_embed` in a state dict to the model's image resolution."""
-    sd = dict(state_dict)
-    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in sd and hasattr(model, key.split(".")[0]):
-            vit = getattr(model, key.split(".")[0])
-            sd[key] = resize_pos_embed(sd[key], vit.patch_embed.num_patches)
-    return sd
-
-
-def load_model_checkpoint(model: nn.Module, path: str) -> dict:
-    """Load an ALBEF-layout checkpoint (`{'model': state_dict, ...}` or a bare state dict) strictly,
-    resizing position embeddings if it was trained at another resolution. Returns the whole file."""
-    ckpt = load_checkpoint_file(path)
-    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
-    load_state_dict_strict(model, adapt_pos_embed(sd, model), path)
-    return ckpt
-
-
-def load_converted_state_dict(model: nn.Module, state_dict: dict, source: str,
-                              may_be_missing: Callable[[str], bool]) -> dict[str, list[str]]:
-    """Load a state dict converted from another model's checkpoint (pretraining -> task): keys the
-    model lacks are dropped; keys it has that the checkpoint lacks keep the model's current values when
-    `may_be_missing(key)` (a new head, ...) and are an error otherwise; shapes must match once
-    `pos_embed` is resized. Returns {"missing": kept at current values, "unused": dropped}."""
-    own = model.state_dict()
-    kept = {k: v for k, v in state_dict.items() if k in own}
-    missing, unused = [k for k in own if k not in kept], sorted(k for k in state_dict if k not in own)
-    required = [k for k in missing if not may_be_missing(k)]
-    if required:
-        more = f"; ... ({len(required)} in all)" if len(required) > 10 else ""
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: it lacks "
-                              f"{len(required)} weights [{'; '.join(required[:10])}{more}]")
-    load_state_dict_strict(model, adapt_pos_embed(kept, model) | {k: own[k] for k in missing}, source)
-    logger.info("loaded %s: %d tensors; left at their initial values: %s; unused: %d keys", source, len(kept),
-                sorted({k.split(".")[0] for k in missing}), len(unused))
-    return {"missing": missing, "unused": unused}
 
 
 def build_bert_config(cfg: ALBEFConfig | dict | str) -> BertConfig:

@@ -11,6 +11,7 @@ duplicates the fusion layers) -> NLVR.py (`nlvr_state_dict`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.albef import (ALBEFBase, ALBEFConfig, CheckpointError, load_checkpoint_file,
-                          load_converted_state_dict, distilled_classification)
+from models.albef import ALBEFBase, ALBEFConfig, distilled_classification
 from models.bert import BertConfig, TwoImageBertModel
+from models.checkpoint import is_pretraining, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -153,16 +154,12 @@ def text_assignment_state_dict(state_dict: dict, fusion_layer: int) -> dict:
     return out
 
 
-def is_pretrain_layout(state_dict: dict) -> bool:
-    return any(k.startswith("text_encoder.bert.") for k in state_dict)
-
-
 def nlvr_state_dict(state_dict: dict, fusion_layer: int) -> dict:
     """Any checkpoint the NLVR model can start from, in its keys: a fine-tuned NLVR or a TA checkpoint
     as it is (NLVR.py has no key loop), a Pretrain.py checkpoint through the TA conversion first.
     From pretraining, the momentum twins are dropped as the TA step would drop them, so both routes
     leave the same keys missing."""
-    if not is_pretrain_layout(state_dict):
+    if not is_pretraining(state_dict):
         return dict(state_dict)
     converted = text_assignment_state_dict(state_dict, fusion_layer)
     return {k: v for k, v in converted.items() if not k.split(".")[0].endswith("_m")}
@@ -180,12 +177,8 @@ def load_nlvr_checkpoint(model: ALBEFNLVR, path: str, copy_momentum_after_load: 
     loading, so the momentum twins keep the constructor's weights (BERT text side, untrained ViT) and
     not the checkpoint's. With True they start from the loaded online weights instead.
     """
-    ckpt = load_checkpoint_file(path)
-    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
-    result = load_converted_state_dict(model, nlvr_state_dict(sd, model.bert_cfg.fusion_layer), path,
-                                       _head_or_momentum)
+    result = load_weights(model, path, functools.partial(nlvr_state_dict, fusion_layer=model.bert_cfg.fusion_layer),
+                          may_be_missing=_head_or_momentum)
     if copy_momentum_after_load and any(k.split(".")[0].endswith("_m") for k in result["missing"]):
         model.copy_params()
         logger.info("momentum twins copied from the loaded online weights (copy_momentum_after_load)")
@@ -195,10 +188,7 @@ def load_nlvr_checkpoint(model: ALBEFNLVR, path: str, copy_momentum_after_load: 
 def load_text_assignment_checkpoint(model: ALBEFTextAssignment, path: str) -> dict:
     """Initialise TA pretraining from a Pretrain.py checkpoint (converted; `ta_head` stays new) or
     continue from a TA checkpoint."""
-    ckpt = load_checkpoint_file(path)
-    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
-    if is_pretrain_layout(sd):
-        sd = text_assignment_state_dict(sd, model.bert_cfg.fusion_layer)
-    return load_converted_state_dict(model, sd, path, lambda k: k.startswith("ta_head."))
+    def convert(sd: dict) -> dict:
+        return text_assignment_state_dict(sd, model.bert_cfg.fusion_layer) if is_pretraining(sd) else sd
+
+    return load_weights(model, path, convert, may_be_missing=lambda k: k.startswith("ta_head."))

@@ -9,6 +9,8 @@ load with `strict=True`; `convert_pretrain_state_dict` turns a pretraining check
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -16,10 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.albef import ALBEFBase, ALBEFConfig, adapt_pos_embed, queue_similarities, soft_cross_entropy
+from models.albef import ALBEFBase, ALBEFConfig, build_bert_config, queue_similarities, soft_cross_entropy
+from models.checkpoint import adapt_pos_embed, is_pretraining, load_weights
 from models.bert import KV, BertConfig, self_attention_mask
 
 logger = logging.getLogger(__name__)
@@ -98,6 +102,41 @@ class ALBEFRetrieval(ALBEFBase):
             return losses | out
         return losses
 
+    @torch.no_grad()
+    def gallery_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images, batch_size: int,
+                         device) -> dict[str, torch.Tensor]:
+        """Every gallery feature the evaluation needs, on `device`: text-mode states `text_embeds` [T, L, H]
+        with `text_mask` [T, L] and `text_feat` [T, E] of the tokenised texts; ViT states `image_embeds`
+        [I, N, W] and `image_feat` [I, E] of the image batches `images` yields. Eval mode.
+
+        Texts run in order of length, each batch cut to its longest text; the states of padded positions
+        are left at 0 (the original computes them, but being masked keys they never reach a score).
+        """
+        self.eval()
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        lengths = attention_mask.sum(1)
+        order = torch.sort(lengths, stable=True).indices
+        text_embeds = text_feat = None
+        with shape_agnostic_attention():  # text batches differ in length
+            for i in range(0, len(order), batch_size):
+                rows = order[i:i + batch_size]
+                L = int(lengths[rows].max())
+                embeds, feat = self.encode_text(input_ids[rows, :L], attention_mask[rows, :L])
+                if text_embeds is None:
+                    text_embeds = embeds.new_zeros(len(order), input_ids.shape[1], embeds.shape[-1])
+                    text_feat = feat.new_empty(len(order), feat.shape[-1])
+                text_embeds[rows, :L] = embeds * attention_mask[rows, :L, None].to(embeds.dtype)
+                text_feat[rows] = feat
+            image_embeds, image_feat = zip(*(self.encode_image(x.to(device)) for x in images))
+        return {"text_embeds": text_embeds, "text_mask": attention_mask, "text_feat": text_feat,
+                "image_embeds": torch.cat(image_embeds), "image_feat": torch.cat(image_feat)}
+
+    def rerank(self, sims: torch.Tensor, feats: dict[str, torch.Tensor], k: int, batch_size: int = 256,
+               rank: int = 0, world_size: int = 1, add_sims: bool = False):
+        """`rerank_itm` of the gallery features `feats` (`gallery_features`)."""
+        return rerank_itm(self, sims, feats["image_embeds"], feats["text_embeds"], feats["text_mask"], k,
+                          batch_size, rank, world_size, add_sims)
+
     def itm_score(self, image_embeds, text_embeds, text_mask) -> torch.Tensor:
         """[N] ITM 'match' logit of N (image, text) pairs: fusion of text-mode states [N, L, H] (mask
         [N, L]) with image tokens [N, P, W], then itm_head on [CLS], class 1 (quirk 10)."""
@@ -108,42 +147,44 @@ class ALBEFRetrieval(ALBEFBase):
 # ------------------------------------------------------------------------------------- checkpoints
 
 
-def is_pretrain_state_dict(state_dict: dict) -> bool:
-    return any(k.startswith("text_encoder.bert.") for k in state_dict)
+def convert_retrieval(state_dict: dict, queue_size: int) -> dict:
+    """Any checkpoint the retrieval model starts from, in its keys. A fine-tuned retrieval or grounding
+    one passes unchanged; a pretraining one is converted as the original Retrieval.py's loading got it:
+    `text_encoder(_m).bert.X` -> `text_encoder(_m).X`, the MLM head (`cls.*`) dropped, queues and
+    pointer kept, `idx_queue` all -100.
 
-
-def convert_pretrain_state_dict(state_dict: dict, model: ALBEFRetrieval) -> dict:
-    """A pretraining checkpoint's state dict in this model's layout, as the original Retrieval.py's
-    loading got it: `text_encoder(_m).bert.X` -> `text_encoder(_m).X`, the MLM head (`cls.*`) dropped,
-    `pos_embed` resized to the model's resolution, queues and pointer kept, `idx_queue` all -100.
-
-    A queue of another size than the model's (a pretraining run with another `queue_size`; the original
-    would fail) is replaced by the model's fresh one, with the pointer at 0.
+    A queue of another size than `queue_size` (a pretraining run with another `queue_size`; the original
+    would fail) is replaced by a fresh random one, with the pointer at 0.
     """
+    if not is_pretraining(state_dict):
+        return dict(state_dict)
+    logger.info("pretraining checkpoint: converting it to the retrieval layout")
     sd = {}
     for key, value in state_dict.items():
         if ".cls." in key and key.startswith("text_encoder"):
             continue
         sd[key.replace("bert.", "", 1) if key.startswith("text_encoder") else key] = value
-    sd = adapt_pos_embed(sd, model)
-    own = model.state_dict()
-    if "image_queue" in sd and sd["image_queue"].shape != own["image_queue"].shape:
+    if "image_queue" in sd and sd["image_queue"].shape[1] != queue_size:
         logger.warning("checkpoint queues %s do not fit queue_size %d: starting from fresh queues",
-                       tuple(sd["image_queue"].shape), own["image_queue"].shape[1])
-        for key in ("image_queue", "text_queue", "queue_ptr"):
-            sd[key] = own[key].clone().zero_() if key == "queue_ptr" else own[key].clone()
+                       tuple(sd["image_queue"].shape), queue_size)
+        for key in ("image_queue", "text_queue"):
+            sd[key] = F.normalize(torch.randn(sd[key].shape[0], queue_size), dim=0)
+        sd["queue_ptr"] = torch.zeros_like(sd["queue_ptr"])
     if "image_queue" in sd:
         sd["idx_queue"] = torch.full((1, sd["image_queue"].shape[1]), -100, dtype=torch.long,
                                      device=sd["image_queue"].device)
     return sd
 
 
-def retrieval_state_dict(state_dict: dict, model: ALBEFRetrieval) -> dict:
-    """Either layout (pretraining, converted; or fine-tuned retrieval) ready for a strict load."""
-    if is_pretrain_state_dict(state_dict):
-        logger.info("pretraining checkpoint: converting it to the retrieval layout")
-        return convert_pretrain_state_dict(state_dict, model)
-    return adapt_pos_embed(state_dict, model)
+def convert_pretrain_state_dict(state_dict: dict, model: ALBEFRetrieval) -> dict:
+    """`convert_retrieval` of a pretraining state dict for `model`, `pos_embed` resized (the parity tests' view)."""
+    return adapt_pos_embed(convert_retrieval(state_dict, model.image_queue.shape[1]), model)
+
+
+def load_retrieval_weights(model: ALBEFRetrieval, source: str | dict, name: str | None = None) -> None:
+    """A pretraining (converted), fine-tuned retrieval or grounding checkpoint into `model`, strictly."""
+    load_weights(model, source, functools.partial(convert_retrieval, queue_size=model.image_queue.shape[1]),
+                 name=name)
 
 
 # -------------------------------------------------------------------------------------- re-ranking
@@ -318,3 +359,45 @@ def rerank_itm_plain(model: ALBEFRetrieval, sims, image_embeds, text_embeds, tex
         text, mask = text_embeds[t].repeat(len(top), 1, 1), text_mask[t].repeat(len(top), 1)
         score_t2i[t, top] = model.itm_score(image_embeds[top], text, mask).float()
     return score_i2t, score_t2i
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def pair_scores(model: ALBEFBase, dataset, tokenizer, device: torch.device, batch_size: int = 128,
+                amp: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """(p_match [N], itc_sim [N]) of every pair of `dataset` (a `datasets.retrieval.PairDataset`), in
+    file order, `batch_size` pairs at a time."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn(tokenizer),
+                                         generator=torch.Generator())  # leaves the caller's RNG stream alone
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+    p_match, itc_sim = [], []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=amp == "bf16"):
+            p, s = model.match_scores(batch["image"].to(device), batch["input_ids"].to(device),
+                                      batch["attention_mask"].to(device))
+        p_match.append(p.cpu())
+        itc_sim.append(s.cpu())
+    return torch.cat(p_match), torch.cat(itc_sim)
+
+
+def scorer_config(source: str | object) -> RetrievalModelConfig:
+    """The model keys of any task YAML file or config object (the rest is not the scorer's business)."""
+    if isinstance(source, str):
+        with open(source) as f:
+            data = yaml.safe_load(f) or {}
+    else:
+        data = vars(source)
+    names = {f.name for f in dataclasses.fields(RetrievalModelConfig)}
+    return RetrievalModelConfig(**{k: v for k, v in data.items() if k in names})
+
+
+def load_scorer(config: str | object, checkpoint: str | dict) -> tuple[ALBEFRetrieval, RetrievalModelConfig]:
+    """The retrieval model (ITC + ITM, no MLM head) described by `config` (see `scorer_config`) with the
+    weights of a pretraining or retrieval checkpoint (a file, or a state dict in memory), in eval mode."""
+    cfg = scorer_config(config)
+    model = ALBEFRetrieval(cfg, build_bert_config(cfg))
+    load_retrieval_weights(model, checkpoint)
+    return model.eval(), cfg

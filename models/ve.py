@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.albef import (ALBEFBase, ALBEFConfig, CheckpointError, load_checkpoint_file,
-                          load_converted_state_dict, distilled_classification)
+from models.albef import ALBEFBase, ALBEFConfig, distilled_classification
 from models.bert import BertConfig
+from models.checkpoint import load_weights
 
 # ALBEF parity: model_ve.py hard-codes the EMA factor; the config's `momentum` is not read (quirk 4).
 VE_MOMENTUM = 0.995
@@ -68,9 +68,4 @@ def ve_state_dict(state_dict: dict) -> dict:
 def load_ve_checkpoint(model: ALBEFVE, path: str) -> dict:
     """Initialise VE from a pretraining or fine-tuned checkpoint; a source without `cls_head`
     (pretraining) leaves the new heads at their initial values."""
-    ckpt = load_checkpoint_file(path)
-    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
-    new_head = lambda k: k.split(".")[0] in ("cls_head", "cls_head_m")  # noqa: E731
-    return load_converted_state_dict(model, ve_state_dict(sd), path, new_head)
+    return load_weights(model, path, ve_state_dict, may_be_missing=lambda k: k.split(".")[0] in ("cls_head", "cls_head_m"))

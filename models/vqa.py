@@ -18,15 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from models.albef import (
-    ALBEFBase,
-    ALBEFConfig,
-    CheckpointError,
-    adapt_pos_embed,
-    load_checkpoint_file,
-    load_state_dict_strict,
-)
+
+from models.albef import ALBEFBase, ALBEFConfig
 from models.bert import BertConfig, BertForMaskedLM, init_bert_weights, load_hf_bert
+from models.checkpoint import CheckpointError, is_pretraining, load_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -222,36 +217,36 @@ def vqa_state_dict_from_pretrain(state_dict: dict, fusion_layer: int, decoder_la
     return out, unused
 
 
-def load_vqa_checkpoint(model: VQAModel, path: str) -> dict:
-    """Load a VQA checkpoint strictly, or initialise from a PRETRAINING checkpoint (converted with
-    `vqa_state_dict_from_pretrain`; pos_embed resized). Returns the whole file.
+def convert_vqa(state_dict: dict, fusion_layer: int, decoder_layers: int) -> dict:
+    """Any checkpoint the VQA model starts from, in its keys: a VQA one as it is, a pretraining one through
+    `vqa_state_dict_from_pretrain`; anything else is a CheckpointError."""
+    if any(k.startswith("text_decoder.") for k in state_dict):
+        return dict(state_dict)
+    if not is_pretraining(state_dict):
+        raise CheckpointError("neither a VQA nor a pretraining checkpoint (no text_decoder.* or "
+                              "text_encoder.bert.* keys)")
+    converted, unused = vqa_state_dict_from_pretrain(state_dict, fusion_layer, decoder_layers)
+    logger.info("VQA model from a pretraining checkpoint; unused: %s", sorted(unused))
+    return converted
+
+
+def load_vqa_checkpoint(model: VQAModel, path: str) -> None:
+    """Load a VQA checkpoint strictly, or initialise from a PRETRAINING checkpoint (`convert_vqa`).
 
     From a pretraining checkpoint the momentum twins come from its `*_m` weights, as in the original.
     Keys whose shapes differ keep the model's BERT initialisation (the demo: its decoder cross-attends
     to hidden_size-wide question states where the pretrained fusion layers read vision_width-wide
     image tokens); any other gap is an error.
     """
-    ckpt = load_checkpoint_file(path)
-    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-    if any(k.startswith("text_decoder.") for k in sd):
-        load_state_dict_strict(model, adapt_pos_embed(sd, model), path)
-        return ckpt
-    if not any(k.startswith("text_encoder.bert.") for k in sd):
-        raise CheckpointError(f"{path}: neither a VQA nor a pretraining checkpoint (no text_decoder.* or "
-                              "text_encoder.bert.* keys)")
-    converted, unused = vqa_state_dict_from_pretrain(sd, model.bert_cfg.fusion_layer,
-                                                     model.text_decoder.config.num_hidden_layers)
-    converted = adapt_pos_embed(converted, model)
-    own = model.state_dict()
-    unused += [k for k in converted if k not in own]
-    reinit = [k for k in converted if k in own and converted[k].shape != own[k].shape]
-    sd = {k: v for k, v in converted.items() if k in own and k not in reinit}
-    missing = [k for k in own if k not in sd and k not in reinit]
-    if missing:
-        raise CheckpointError(f"{path}: a pretraining checkpoint without {len(missing)} keys this VQA model needs "
-                              f"(e.g. {missing[:5]}); text_decoder_layers may exceed its fusion layers")
-    model.load_state_dict(sd | {k: own[k] for k in reinit}, strict=True)
-    logger.info("VQA model from pretraining checkpoint %s; unused: %s", path, sorted(unused))
-    if reinit:
-        logger.warning("shapes differ, kept the BERT initialisation: %s", reinit)
-    return ckpt
+    sd = read_state_dict(path)
+    try:
+        converted = convert_vqa(sd, model.bert_cfg.fusion_layer, model.text_decoder.config.num_hidden_layers)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if not is_pretraining(sd):
+        load_weights(model, converted, name=path)
+        return
+    try:
+        load_weights(model, converted, reinit_mismatched=True, name=f"{path} (a pretraining checkpoint)")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; text_decoder_layers may exceed its fusion layers") from None

@@ -36,9 +36,9 @@ from datasets.retrieval import (  # noqa: E402
 )
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, tokenize  # noqa: E402
 from datasets.transforms import test_transform  # noqa: E402
-from models.albef import build_bert_config, load_checkpoint_file, load_state_dict_strict  # noqa: E402
+from models.albef import build_bert_config  # noqa: E402
 from models.bert import resolve_pretrained  # noqa: E402
-from models.retrieval import ALBEFRetrieval, rerank_itm_plain, retrieval_state_dict  # noqa: E402
+from models.retrieval import ALBEFRetrieval, load_retrieval_weights, rerank_itm_plain  # noqa: E402
 from Retrieval import RetrievalConfig  # noqa: E402
 
 
@@ -114,8 +114,7 @@ def setup(args):
     torch.manual_seed(0)
     model = ALBEFRetrieval(cfg, build_bert_config(cfg))
     if args.checkpoint:
-        ckpt = load_checkpoint_file(args.checkpoint)
-        load_state_dict_strict(model, retrieval_state_dict(ckpt.get("model", ckpt), model), args.checkpoint)
+        load_retrieval_weights(model, args.checkpoint)
     model.to(args.device).eval()
     if args.synthetic:
         dataset = SyntheticGallery(cfg, *args.synthetic, model.bert_cfg.vocab_size)

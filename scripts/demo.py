@@ -23,13 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
-from datasets.retrieval import PairDataset, RetrievalEvalDataset, recall_metrics, retrieval_features, retrieval_scores  # noqa: E402
+from datasets.retrieval import PairDataset, RetrievalEvalDataset, accuracy_by_kind, recall_metrics, retrieval_features, retrieval_scores  # noqa: E402
 from datasets.text import build_tokenizer  # noqa: E402
 from datasets.transforms import test_transform  # noqa: E402
 from models.albef import ALBEF, build_bert_config  # noqa: E402
 from models.bert import resolve_pretrained  # noqa: E402
 from Pretrain import PretrainConfig  # noqa: E402
-from scripts.score_pairs import accuracy_by_kind, load_scorer, score  # noqa: E402
+from models.retrieval import load_scorer, pair_scores as score  # noqa: E402
 
 K_TEST = 16  # ITC candidates re-ranked by ITM, as configs/Retrieval_demo.yaml
 KINDS = ("colour", "shape", "size", "position")

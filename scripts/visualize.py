@@ -37,12 +37,7 @@ sys.path.insert(0, str(ROOT))
 from datasets.base import open_image  # noqa: E402
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize  # noqa: E402
 from datasets.transforms import test_transform  # noqa: E402
-from models.albef import (  # noqa: E402
-    CheckpointError,
-    build_bert_config,
-    load_checkpoint_file,
-    load_state_dict_strict,
-)
+from models.albef import build_bert_config  # noqa: E402
 from models.bert import resolve_pretrained  # noqa: E402
 from models.gradcam import (  # noqa: E402
     check_block_num,
@@ -52,7 +47,8 @@ from models.gradcam import (  # noqa: E402
     itm_token_maps,
     sentence_map,
 )
-from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, retrieval_state_dict  # noqa: E402
+from models.checkpoint import CheckpointError, load_checkpoint_file, read_state_dict  # noqa: E402
+from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, load_retrieval_weights  # noqa: E402
 
 logger = logging.getLogger("visualize")
 COLUMNS = 7
@@ -99,13 +95,13 @@ def model_config(args, ckpt: dict) -> RetrievalModelConfig:
 
 def load_model(args) -> tuple[ALBEFRetrieval, RetrievalModelConfig]:
     ckpt = load_checkpoint_file(args.checkpoint)
-    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    sd = read_state_dict(ckpt)
     if not any(k.startswith("itm_head.") for k in sd):
         raise CheckpointError(f"{args.checkpoint} has no itm_head (a VQA, NLVR or VE model?): Grad-CAM explains "
                               "the ITM score; pass a pretraining, retrieval or grounding checkpoint")
     cfg = model_config(args, ckpt)
     model = ALBEFRetrieval(dataclasses.replace(cfg, queue_size=_queue_size(sd, cfg)), build_bert_config(cfg))
-    load_state_dict_strict(model, retrieval_state_dict(sd, model), args.checkpoint)
+    load_retrieval_weights(model, sd, args.checkpoint)
     return model.eval().to(args.device), cfg
 
 

@@ -14,10 +14,10 @@ from models.albef import (
     CheckpointError,
     apply_mlm_mask,
     draw_mlm_mask,
-    load_model_checkpoint,
     negative_weights,
 )
 from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert
+from models.checkpoint import load_weights
 from models.nlvr import ALBEFNLVR
 from models.retrieval import ALBEFRetrieval, RetrievalModelConfig
 from models.ve import ALBEFVE
@@ -309,7 +309,7 @@ def test_checkpoint_at_another_resolution_loads_with_resized_pos_embed(tmp_path)
     small = tiny_model()
     torch.save({"model": small.state_dict()}, tmp_path / "c.pth")
     big = ALBEF(tiny_cfg(image_res=48), TINY_BERT)
-    load_model_checkpoint(big, str(tmp_path / "c.pth"))
+    load_weights(big, str(tmp_path / "c.pth"))
     assert big.visual_encoder.pos_embed.shape[1] == 10
     assert torch.equal(big.text_proj.weight, small.text_proj.weight)
 
@@ -325,7 +325,7 @@ class Evil:
 def test_checkpoint_loading_is_weights_only(tmp_path):
     torch.save({"model": {}, "payload": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="evil.pth"):
-        load_model_checkpoint(tiny_model(), str(tmp_path / "evil.pth"))
+        load_weights(tiny_model(), str(tmp_path / "evil.pth"))
 
 
 def test_wrong_model_checkpoint_lists_missing_unexpected_and_shapes(tmp_path):
@@ -335,7 +335,7 @@ def test_wrong_model_checkpoint_lists_missing_unexpected_and_shapes(tmp_path):
     sd["vision_proj.weight"] = torch.zeros(3, 16)
     torch.save({"model": sd}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError) as e:
-        load_model_checkpoint(tiny_model(), str(tmp_path / "other.pth"))
+        load_weights(tiny_model(), str(tmp_path / "other.pth"))
     msg = str(e.value)
     assert "other.pth" in msg and "itm_head.weight" in msg and "extra.weight" in msg
     assert "vision_proj.weight: checkpoint (3, 16) vs model (8, 16)" in msg
@@ -343,7 +343,7 @@ def test_wrong_model_checkpoint_lists_missing_unexpected_and_shapes(tmp_path):
 
 def test_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pth"):
-        load_model_checkpoint(tiny_model(), str(tmp_path / "nope.pth"))
+        load_weights(tiny_model(), str(tmp_path / "nope.pth"))
 
 
 # ------------------------------------------------------------------------------- pretrained init

@@ -15,7 +15,8 @@ import torch
 import Pretrain
 import utils
 from datasets.shards import write_shards
-from models.albef import ALBEF, build_bert_config, load_model_checkpoint
+from models.albef import ALBEF, build_bert_config
+from models.checkpoint import load_weights
 from tests.test_pretrain import CONFIG, TINY_BERT, free_port, small_opts
 from tests.test_shards import synthetic_data
 
@@ -78,7 +79,7 @@ def test_zero_checkpoint_is_plain_and_matches_adamw(runs):
     models = {}
     for name in ("plain", "zero"):
         models[name] = plain_model(runs)
-        load_model_checkpoint(models[name], str(runs["tmp"] / name / "checkpoint_last.pth"))  # strict
+        load_weights(models[name], str(runs["tmp"] / name / "checkpoint_last.pth"))  # strict
     worst = max((zero["model"][k].float() - v.float()).abs().max().item() for k, v in plain["model"].items())
     assert worst <= 1e-6, worst
     g = torch.Generator().manual_seed(0)

@@ -208,7 +208,7 @@ def test_pretrain_with_vilta_logs_examples_saves_plain_albef_and_resumes_exactly
     from test_pretrain import CONFIG, small_opts
 
     import Pretrain
-    from models.albef import load_model_checkpoint
+    from models.checkpoint import load_weights
 
     vilta = {"vilta.mlm_soft_target": "both", "vilta.teacher": str(teacher_dir), "vilta.synth_negatives": "true",
              "vilta.synth_synonym_ratio": 0.5, "vilta.log_examples": 2, "schedular.epochs": 2}
@@ -235,4 +235,4 @@ def test_pretrain_with_vilta_logs_examples_saves_plain_albef_and_resumes_exactly
     plain = ALBEF(ALBEFConfig(text_encoder=None, image_res=32, vit_patch_size=patch, vit_width=32, vision_width=32,
                               vit_depth=1, vit_heads=2, embed_dim=16, queue_size=16),
                   BertConfig.from_json(str(demo / "bert_tiny.json")))
-    load_model_checkpoint(plain, str(tmp_path / "straight" / "checkpoint_last.pth"))  # strict: no teacher keys
+    load_weights(plain, str(tmp_path / "straight" / "checkpoint_last.pth"))  # strict: no teacher keys
