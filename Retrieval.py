@@ -25,6 +25,7 @@ head is weak (loss ~0.64, near ln 2), so ITC alone ranks best there; `itm` is wh
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -33,7 +34,6 @@ from typing import Literal
 
 import torch
 
-import checkpoints
 import utils
 from datasets import loaders
 from datasets.base import DataFiles
@@ -47,7 +47,7 @@ from datasets.retrieval import (
 )
 from datasets.text import build_tokenizer
 from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
-from models.albef import build_bert_config, load_state_dict_strict
+from models.albef import build_bert_config
 from models.bert import resolve_pretrained
 from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, load_retrieval_weights
 
@@ -82,7 +82,7 @@ class RetrievalConfig(utils.EngineConfig, RetrievalModelConfig):
 def parse_args(argv=None) -> argparse.Namespace:
     configs = ["configs/Retrieval_flickr.yaml", "configs/Retrieval_coco.yaml", "configs/Retrieval_demo.yaml"]
     p = utils.task_parser(__doc__, configs, "output/retrieval_flickr",
-                          checkpoint_help="initial weights: a pretraining or a fine-tuned retrieval checkpoint", max_steps=False)
+                          checkpoint_help="initial weights: a pretraining or a fine-tuned retrieval checkpoint")
     p.add_argument("--save_scores", action="store_true", help="also save the score matrices (scores_*.pt)")
     return p.parse_args(argv)
 
@@ -105,23 +105,10 @@ def main(argv=None) -> dict:
     model.to(dist.device)
     tb = utils.build_tb_writer(args.output_dir)
 
+    save_scores = args.output_dir if args.save_scores and dist.is_main else None
+
     def evaluate(epoch: int) -> dict:
-        results = {}
-        for split, dataset in splits.items():
-            scores = score(model, dataset, tokenizer, cfg, dist)
-            metrics = recall_metrics(scores[0].numpy(), scores[1].numpy(), dataset.txt2img, dataset.img2txt)
-            logger.info("%s epoch %d (rank by %s, k_test %d): %s", split, epoch, cfg.rank, cfg.k_test,
-                        "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
-            results |= {f"{split}_{k}": v for k, v in metrics.items()}
-            if tb is not None:
-                for k, v in metrics.items():
-                    tb.add_scalar(f"{split}/{k}", v, epoch + 1)
-            if args.save_scores and dist.is_main:
-                name = f"scores_{split}.pt" if args.evaluate else f"scores_{split}_{epoch:02d}.pt"
-                torch.save({"score_i2t": scores[0], "score_t2i": scores[1], "txt2img": dataset.txt2img,
-                            "img2txt": dataset.img2txt, "rank": cfg.rank, "k_test": cfg.k_test},
-                           os.path.join(args.output_dir, name))
-        return results
+        return evaluate_splits(model, splits, tokenizer, cfg, dist, epoch, tb, save_scores, per_epoch=not args.evaluate)
 
     if args.evaluate:
         results = evaluate(0)
@@ -132,62 +119,58 @@ def main(argv=None) -> dict:
     train_set = RetrievalTrainDataset(cfg.train_file, train_transform(
         cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment), cfg.image_root, cfg.max_words)
     loader = loaders.build_loader(train_set, cfg.batch_size_train, shuffle=True, drop_last=True,
-                                collate_fn=collate_retrieval(tokenizer), num_workers=cfg.num_workers,
-                                dist=dist, seed=cfg.seed)
+                                  collate_fn=collate_retrieval(tokenizer), num_workers=cfg.num_workers,
+                                  dist=dist, seed=cfg.seed)
     steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
     logger.info("%d pairs of %d images, %d steps per epoch, %d ranks x batch %d", len(train_set),
                 len(train_set.img_ids), steps_per_epoch, dist.world_size, cfg.batch_size_train)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
-    start_epoch, start_step, best, best_epoch = 0, 0, -1.0, -1
-    checkpoints.remove_stale_tmp(args.output_dir)
-    if args.resume:
-        state = checkpoints.load_resume_state(args.resume)
-        load_state_dict_strict(model, state["model"], args.resume)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = checkpoints.resume_position(state, steps_per_epoch)
-        best, best_epoch = state.get("best_r_mean", -1.0), state.get("best_epoch", -1)
-        checkpoints.restore_rng(state["rng"]) if "rng" in state else None
-        logger.info("resuming %s at epoch %d step %d", args.resume, start_epoch, start_step)
-        if start_epoch >= cfg.schedular.epochs:
-            logger.warning("%s is a finished run (epochs %d): nothing to train", args.resume, cfg.schedular.epochs)
-            finish(tb)
-            return {}
-    ddp_model = utils.wrap_ddp(model, dist, broadcast_buffers=False)  # queues are equal on every rank by design
+    last: dict = {}
 
-    alpha = utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up)
+    def evaluate_epoch(epoch: int) -> dict:
+        last.clear()
+        last.update(evaluate(epoch))
+        return dict(last)
 
-    def save(name: str, epoch: int, step: int, step_in_epoch: int) -> str:
-        state = checkpoints.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch)
-        state |= {"best_r_mean": best, "best_epoch": best_epoch}
-        checkpoints.save_checkpoint(path := os.path.join(args.output_dir, name), state)
-        return path
-
-    def on_step(step: int, step_in_epoch: int) -> None:
-        if step_in_epoch < steps_per_epoch:  # at an epoch's end: after the epoch's saves (as utils.fit)
-            stop.stop_if_received(lambda: save("checkpoint_last.pth", epoch, step, step_in_epoch),
-                                  f"at epoch {epoch} step {step_in_epoch}")
-        if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step_in_epoch < steps_per_epoch:
-            save("checkpoint_last.pth", epoch, step, step_in_epoch)
-
-    results = {}
-    with checkpoints.StopSignals() as stop:
-        for epoch in range(start_epoch, cfg.schedular.epochs):
-            stats = utils.train_one_epoch(
-                ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
-                dist=dist, tb=tb, forward_kwargs=alpha, on_step=on_step)
-            results = evaluate(epoch)
-            if results["val_r_mean"] > best:
-                best, best_epoch = results["val_r_mean"], epoch
-                save("checkpoint_best.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)
-            utils.append_log(args.output_dir, {f"train_{k}": v for k, v in stats.items()} | results | {"epoch": epoch})
-            last = save("checkpoint_last.pth", epoch, (epoch + 1) * steps_per_epoch, steps_per_epoch)  # marks it done
-            if epoch + 1 < cfg.schedular.epochs:
-                stop.stop_if_received(lambda: last, f"after epoch {epoch}")
-    logger.info("best epoch %d (val r_mean %.2f)", best_epoch, best)
-    utils.append_log(args.output_dir, {"best_epoch": best_epoch, "best_val_r_mean": best})
+    utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
+              max_steps=args.max_steps, forward_kwargs=utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up),
+              evaluate=evaluate_epoch, select="val_r_mean", ddp_kwargs={"broadcast_buffers": False},  # queues are
+              tb=tb)  # equal on every rank by design
+    if last:
+        log_best(args.output_dir)
     finish(tb)
+    return last
+
+
+def evaluate_splits(model: ALBEFRetrieval, splits: dict[str, RetrievalEvalDataset], tokenizer, cfg: RetrievalConfig,
+                    dist, epoch: int, tb, save_dir: str | None, per_epoch: bool) -> dict[str, float]:
+    """Recall metrics of every split, {"val_txt_r1", ..., "test_r_mean"}, logged and sent to TensorBoard;
+    with `save_dir` the score matrices too (`scores_<split>_<epoch>.pt`, or `scores_<split>.pt`)."""
+    results = {}
+    for split, dataset in splits.items():
+        scores = score(model, dataset, tokenizer, cfg, dist)
+        metrics = recall_metrics(scores[0].numpy(), scores[1].numpy(), dataset.txt2img, dataset.img2txt)
+        logger.info("%s epoch %d (rank by %s, k_test %d): %s", split, epoch, cfg.rank, cfg.k_test,
+                    "  ".join(f"{k}: {v:.2f}" for k, v in metrics.items()))
+        results |= {f"{split}_{k}": v for k, v in metrics.items()}
+        if tb is not None:
+            for k, v in metrics.items():
+                tb.add_scalar(f"{split}/{k}", v, epoch + 1)
+        if save_dir is not None:
+            name = f"scores_{split}_{epoch:02d}.pt" if per_epoch else f"scores_{split}.pt"
+            torch.save({"score_i2t": scores[0], "score_t2i": scores[1], "txt2img": dataset.txt2img,
+                        "img2txt": dataset.img2txt, "rank": cfg.rank, "k_test": cfg.k_test},
+                       os.path.join(save_dir, name))
     return results
+
+
+def log_best(output_dir: str) -> None:
+    """One last log.txt line naming the epoch with the best val r_mean (of every epoch logged, resumed runs too)."""
+    with open(os.path.join(output_dir, "log.txt")) as f:
+        epochs = [row for row in map(json.loads, f) if "val_r_mean" in row and "epoch" in row]
+    best = max(epochs, key=lambda row: row["val_r_mean"])  # the first of equals, as fit's `>`
+    logger.info("best epoch %d (val r_mean %.2f)", best["epoch"], best["val_r_mean"])
+    utils.append_log(output_dir, {"best_epoch": best["epoch"], "best_val_r_mean": best["val_r_mean"]})
 
 
 def score(model: ALBEFRetrieval, dataset: RetrievalEvalDataset, tokenizer, cfg: RetrievalConfig, dist):

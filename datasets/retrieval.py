@@ -141,7 +141,9 @@ def retrieval_features(model, dataset: RetrievalEvalDataset, tokenizer, device, 
     """Every gallery feature the evaluation needs (`ALBEFRetrieval.gallery_features`): texts tokenised as
     the original's evaluation, images `batch_size` at a time."""
     input_ids, attention_mask = tokenize(tokenizer, dataset.texts, **TOKENIZER_SETTINGS["retrieval_eval"])
-    images = (x for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         generator=torch.Generator())  # leaves the training RNG stream alone
+    images = (x for x, _ in loader)
     return model.gallery_features(input_ids, attention_mask, images, batch_size, device)
 
 

@@ -192,12 +192,32 @@ def test_zero_shot_then_fine_tune_then_evaluate_the_best(demo, tmp_path):
     assert log[0]["epoch"] == 0 and {"train_loss_ita", "train_loss_itm", "val_r_mean", "test_r_mean"} <= set(log[0])
     assert log[1] == {"best_epoch": 0, "best_val_r_mean": last["val_r_mean"]}
     assert (out / "tb").is_dir() and (out / "config.yaml").exists()
-    state = torch.load(out / "checkpoint_best.pth", weights_only=True)
-    assert state["step"] == 2 and (state["model"]["idx_queue"] != -100).sum() == 8  # 2 steps x 4 ids queued
+    state = torch.load(out / "checkpoint_best.pth", weights_only=True)  # weights, as utils.fit keeps the best
+    assert set(state) == {"model", "config", "epoch", "val_r_mean"} and state["val_r_mean"] == last["val_r_mean"]
+    assert (state["model"]["idx_queue"] != -100).sum() == 8  # 2 steps x 4 ids queued
 
     again = Retrieval.main(["--config", DEMO_CONFIG, "--device", "cpu", "--output_dir", str(tmp_path / "re"),
                             "--checkpoint", str(out / "checkpoint_best.pth"), "--evaluate", "--opts", *opts])
     assert again == last
+
+
+def test_stopped_mid_epoch_and_resumed_equals_one_run(demo, tmp_path):
+    """Retrieval.py trains through utils.fit: --max_steps stops it inside the first epoch, --resume carries
+    on from that step, and the weights at the end are those of one uninterrupted run."""
+    opts = small_opts(demo, tmp_path, batch_size_train=2, **{"schedular.epochs": 2})  # 4 steps per epoch
+    base = ["--config", DEMO_CONFIG, "--device", "cpu", "--checkpoint", str(pretrain_checkpoint(tmp_path))]
+    Retrieval.main([*base, "--output_dir", str(tmp_path / "one"), "--opts", *opts])
+    Retrieval.main([*base, "--output_dir", str(tmp_path / "two"), "--max_steps", "3", "--opts", *opts])
+    stopped = torch.load(tmp_path / "two" / "checkpoint_last.pth", weights_only=True)
+    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["step"]) == (0, 3, 3)
+    Retrieval.main([*base, "--output_dir", str(tmp_path / "two"), "--resume",
+                    str(tmp_path / "two" / "checkpoint_last.pth"), "--opts", *opts])
+    one, two = (torch.load(tmp_path / d / "checkpoint_last.pth", weights_only=True) for d in ("one", "two"))
+    assert one["step"] == two["step"] == 8
+    for key, value in one["model"].items():
+        assert torch.equal(value, two["model"][key]), key
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.txt").read_text().splitlines()]
+    assert [row.get("epoch") for row in log] == [0, None, 0, 1, None] and "best_epoch" in log[-1]  # None: best line
 
 
 def test_torchrun_fine_tune_and_sharded_evaluation_match_one_process(demo, tmp_path):
