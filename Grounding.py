@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as tdist
 
 import utils
 from datasets import loaders
@@ -119,13 +118,7 @@ def evaluate(model, dataset: GroundingDataset, collate, refer, dets, cfg: Ground
                            cfg.block_num, cfg.gradcam_cls)
         results = [{"ref_id": r, "pred": m} for r, m in zip(batch["ref_id"].tolist(), maps.float().cpu())]
         preds += grounding_predictions(results, refer, dets, cfg.box_alpha)
-    if dist.world_size > 1:
-        gathered = [None] * dist.world_size
-        tdist.all_gather_object(gathered, preds)
-        preds = [None] * len(dataset)
-        for rank, part in enumerate(gathered):
-            preds[rank::dist.world_size] = part
-    return preds
+    return list(utils.gather_by_index(dict(zip(shard.indices, preds))).values())
 
 
 def main(argv=None) -> dict:

@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as tdist
 
 import utils
 from datasets import loaders
@@ -143,11 +142,8 @@ def evaluation(model: VQAModel, loader, answers: list[torch.Tensor], cfg: VQACon
         picked.update(zip(batch["index"].tolist(), topk_ids[:, 0].tolist()))
         if i % cfg.print_freq == 0:
             logger.info("Generate VQA test result: [%d/%d]", i, len(loader))
-    if tdist.is_available() and tdist.is_initialized():
-        shards = [None] * tdist.get_world_size()
-        tdist.all_gather_object(shards, picked)
-        picked = {k: v for shard in shards for k, v in shard.items()}
-    return [{"question_id": dataset.question_id(i), "answer": dataset.answer_list[picked[i]]} for i in sorted(picked)]
+    picked = utils.gather_by_index(picked)
+    return [{"question_id": dataset.question_id(i), "answer": dataset.answer_list[a]} for i, a in picked.items()]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""The training engine shared by every task script: config, distributed setup, resumable loaders,
-optimizer and lr schedule, logging, checkpoints, and the one training loop `train_one_epoch`.
+"""The training engine shared by every task script: config and CLI (config.py holds the YAML side),
+distributed setup, logging, the one training loop `train_one_epoch` and `fit`, save/resume (checkpoints.py),
+and `gather_by_index` for evaluation across ranks. The optimizer and lr are in optim.py, metrics in
+metrics.py, malloc tuning in memory.py; their names stay importable from here.
 
 Vocabulary: a *batch* is what the loader yields (one micro-batch); a *step* is one optimizer step,
 `accum_steps` batches. Global steps count optimizer steps from the start of training and drive the
@@ -12,7 +14,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import json
 import logging
 import math
@@ -21,97 +22,37 @@ import random
 import re
 import sys
 import time
-import types
 import typing
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as tdist
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import (
     DataLoader,
     Dataset,
 )
 
+from config import ConfigError, config_to_dict, load_config, save_config  # noqa: F401 - the scripts' names
 from datasets.base import AnnotationError, ImageLoadError
 from datasets.loaders import SKIPPED, DistInfo, loader_position  # DistInfo: re-exported for the scripts
 from datasets.shards import ShardError
 import checkpoints
 from checkpoints import Preempted, TrainingDiverged
 from models.bert import PretrainedNotFound
+from memory import keep_freed_memory
+from metrics import MetricLogger, SmoothedValue
 from models.checkpoint import CheckpointError, ChecksumError
+from optim import (OptimizerConfig, SchedulerConfig, alpha_schedule, build_optimizer,  # noqa: F401 - the scripts' names
+                   first_epoch_ramp, lr_at, set_lr)
 
 logger = logging.getLogger(__name__)
 
 
 # -------------------------------------------------------------------------------------------- config
-
-
-class ConfigError(ValueError):
-    """A config file or an `--opts` override that does not fit the task's schema."""
-
-
-@dataclass(kw_only=True)
-class OptimizerConfig:
-    """The YAML section `optimizer`. Only AdamW exists (ALBEF uses nothing else)."""
-
-    opt: str = "adamW"
-    lr: float
-    weight_decay: float = 0.02
-    # ZeroRedundancyOptimizer: each of N ranks keeps the AdamW state of 1/N of the weights (several
-    # processes only); checkpoints still hold the whole state, gathered on rank 0 when saving
-    zero_redundancy: bool = False
-
-    def __post_init__(self):
-        if self.opt.lower() != "adamw" or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"need opt 'adamW', lr > 0, weight_decay >= 0; got {self}")
-
-
-@dataclass(kw_only=True)
-class SchedulerConfig:
-    """The YAML section `schedular` (ALBEF parity: the original's spelling, so its files carry over).
-
-    Warm-up from `warmup_lr`, then one cosine from `lr` to `min_lr`, in one of two ways (`lr_at`):
-    - `schedule: original`, the lr of ALBEF's scripts at every step (its timm CosineLRScheduler as
-      Pretrain.py and the task scripts drive it): in epoch 0 a staircase of `warmup_epochs` steps, each
-      held for `step_size` optimizer steps (the original's misnomer: 20 "epochs" of 100 iterations), then
-      `lr` for the rest of epoch 0; from epoch 1 on, one cosine value per epoch.
-    - `schedule: smooth`: linear warm-up over `warmup_steps` optimizer steps, then the cosine per step,
-      reaching `min_lr` at the last step of `epochs`.
-    `decay_rate` and `cooldown_epochs` are accepted so the original files load; with one cycle they do
-    nothing there either.
-    """
-
-    sched: str = "cosine"
-    schedule: typing.Literal["original", "smooth"] = "smooth"
-    lr: float
-    epochs: int
-    min_lr: float = 0.0
-    warmup_lr: float = 0.0
-    warmup_epochs: int = 0  # original: warm-up stairs, in epoch 0 only
-    step_size: int = 100  # original: optimizer steps per stair (hard-coded 100 in every original script)
-    warmup_steps: int = 0  # smooth: optimizer steps of linear warm-up
-    decay_rate: float = 1.0  # unused
-    cooldown_epochs: int = 0  # unused
-
-    def __post_init__(self):
-        if self.sched != "cosine" or self.lr <= 0 or min(self.min_lr, self.warmup_lr) < 0:
-            raise ValueError(f"need sched 'cosine', lr > 0, min_lr, warmup_lr >= 0; got {self}")
-        if self.epochs < 1 or self.step_size < 1 or min(self.warmup_epochs, self.warmup_steps) < 0:
-            raise ValueError("need epochs, step_size >= 1 and warmup_epochs, warmup_steps >= 0")
-        if self.schedule == "original" and self.warmup_steps:
-            raise ValueError("warmup_steps belongs to schedule 'smooth'; the original warms up over "
-                             "warmup_epochs stairs of step_size steps")
-        if self.schedule == "smooth" and self.warmup_epochs:
-            raise ValueError("warmup_epochs belongs to schedule 'original' (set schedule: original, or "
-                             "warmup_steps for the smooth warm-up)")
 
 
 @dataclass(kw_only=True)
@@ -140,125 +81,6 @@ class EngineConfig:
                 raise ValueError(f"{f.name} must be >= 1, got {size}")
         if (parent := getattr(super(), "__post_init__", None)) is not None:
             parent()
-
-
-def _round_trip() -> YAML:
-    yaml = YAML()  # round-trip: comments, key order and flow style survive save_config
-    yaml.preserve_quotes = True
-    return yaml
-
-
-def load_config(path: str, opts: list[str] | None, schema: type) -> tuple[typing.Any, typing.Any]:
-    """Read `path`, apply `opts` ("a.b=value", the value parsed as YAML), build the dataclass `schema`
-    (fields typed as dataclasses are nested sections). Returns (config, ruamel document with the
-    overrides applied) so the script can `save_config` what it actually ran."""
-    path = str(path)
-    try:
-        with open(path) as f:
-            doc = _round_trip().load(f) or {}
-    except (OSError, YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from e
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    from_opts = set()
-    for opt in opts or []:
-        key, sep, text = opt.partition("=")
-        parts, node = key.strip().split("."), doc
-        if not sep or not all(parts):
-            raise ConfigError(f"--opts {opt!r}: expected key=value")
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"--opts {opt!r}: '{'.'.join(parts[:i + 1])}' in {path} is not a section")
-        try:
-            node[parts[-1]] = YAML(typ="safe", pure=True).load(text)
-        except YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"--opts {opt!r}: the value is not valid YAML: {problem}") from e
-        from_opts.add(".".join(parts))
-    return _build(schema, doc, "", (path, from_opts)), doc
-
-
-def save_config(doc: typing.Any, path: str) -> None:
-    """Write the document from `load_config`, comments kept; rank 0 only."""
-    if is_main_process():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            _round_trip().dump(doc, f)
-
-
-def config_to_dict(cfg: typing.Any) -> dict:
-    """Plain nested dict of a config dataclass (a checkpoint's `config`: loads with weights_only)."""
-    return dataclasses.asdict(cfg)
-
-
-def _build(schema: type, data: Mapping, prefix: str, ctx: tuple[str, set[str]]):
-    path, from_opts = ctx
-    fields, hints = {f.name: f for f in dataclasses.fields(schema) if f.init}, typing.get_type_hints(schema)
-    for key in map(str, data):
-        if key not in fields:
-            where = _source(ctx, [prefix + key])
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}' in {where}; {hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], prefix + name, ctx)
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise ConfigError(f"{path}: missing required key '{prefix}{name}'")
-    try:
-        return schema(**kwargs)
-    except (TypeError, ValueError) as e:
-        named = [prefix + k for k in fields if prefix + k in from_opts and k in str(e)]
-        raise ConfigError(f"{_source(ctx, named)}: invalid {'section ' + prefix[:-1] if prefix else 'config'}: "
-                          f"{e}") from e
-
-
-def _source(ctx: tuple[str, set[str]], keys: list[str]) -> str:
-    """Where the values of `keys` came from: the config file, or `--opts` when one of them was set there."""
-    path, from_opts = ctx
-    named = [k for k in keys if any(k == o or k.startswith((o + ".", o + "[")) for o in from_opts)]
-    return f"--opts {', '.join(named)} (config file {path})" if named else path
-
-
-_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
-
-
-def _coerce(value, tp, key: str, ctx: tuple[str, set[str]]):
-    """`value` checked against the annotation `tp`, converted to plain Python types."""
-    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-        return _build(tp, value, key + ".", ctx)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            with contextlib.suppress(ConfigError):
-                return _coerce(value, arg, key, ctx)
-    elif tp in _SCALARS:
-        if isinstance(value, _SCALARS[tp]) and (tp is bool or not isinstance(value, bool)):
-            return tp(value)
-    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
-        items = [_coerce(v, args[0] if args else typing.Any, f"{key}[{i}]", ctx) for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    elif origin is dict and isinstance(value, Mapping):
-        return {str(k): _coerce(v, args[1] if args else typing.Any, f"{key}.{k}", ctx) for k, v in value.items()}
-    elif tp is typing.Any or (origin is typing.Literal and value in args):
-        return _plain(value)
-    name = getattr(tp, "__name__", None) or str(tp)
-    raise ConfigError(f"{_source(ctx, [key])}: '{key}' expects {name}, got {type(value).__name__} {value!r}")
-
-
-def _plain(value):
-    """ruamel's commented and scalar subclasses → dict, list, bool, int, float, str."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return next((t(value) for t in _SCALARS if isinstance(value, t)), value)
 
 
 # ------------------------------------------------------------------------------------- task scripts
@@ -359,32 +181,6 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
-
-    PyTorch's CPU tensors come straight from malloc; glibc serves large blocks (all above 32 MiB: the
-    word embedding's gradient, the 65536-column ITC queues, ...) with mmap and unmaps them on free, so
-    every step page-faults them in again: at full size a quarter of the CPU step was kernel time. Without
-    mmap and without trimming, freed blocks stay in the heap: the step ran 1.2x faster at batch 4 and
-    1.9x at batch 64, for about the same peak memory at batch 4 and +1-2 GiB of fragmentation at batch
-    64 (docs/performance.md). ALBEF_KEEP_FREED_MEMORY=0 leaves malloc alone. Returns False where
-    nothing changed (that, or no glibc: macOS, musl).
-    """
-    import ctypes
-    import ctypes.util
-
-    if os.environ.get("ALBEF_KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, TypeError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))  # -1: never trim
-
-
 def cleanup_distributed() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
@@ -415,64 +211,6 @@ def wrap_ddp(model: nn.Module, dist: DistInfo, **ddp_kwargs) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
-
-
-# --------------------------------------------------------------------------------- optimizer and lr
-
-
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW without weight decay on 1-D tensors and `.bias`; frozen params left out. ALBEF parity:
-    pos_embed, cls_token and the 0-dim `temp` are decayed, as timm's `add_weight_decay` did.
-    With `zero_redundancy` and a process group of several ranks, the same AdamW inside a
-    ZeroRedundancyOptimizer (same updates; its `state_dict` is the plain AdamW one once consolidated)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
-    fast = {"fused": True}  # one kernel per parameter group, on CUDA and CPU alike
-    groups = [g for g in groups if g["params"]]
-    if cfg.zero_redundancy and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        logger.info("ZeroRedundancyOptimizer: AdamW state sharded over %d ranks", tdist.get_world_size())
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=cfg.lr, **fast)
-    return torch.optim.AdamW(groups, lr=cfg.lr, **fast)
-
-
-def lr_at(epoch: int, step_in_epoch: int, steps_per_epoch: int, cfg: SchedulerConfig) -> float:
-    """The lr of optimizer step `step_in_epoch` (0-based) of `epoch`, by `cfg.schedule` (see SchedulerConfig)."""
-    if cfg.schedule == "original":
-        return original_lr(epoch, step_in_epoch, cfg)
-    step, total_steps = epoch * steps_per_epoch + step_in_epoch, steps_per_epoch * cfg.epochs
-    if step < cfg.warmup_steps:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
-
-
-def original_lr(epoch: int, step_in_epoch: int, cfg: SchedulerConfig) -> float:
-    """ALBEF parity: the lr the original scripts train step `step_in_epoch` of `epoch` with, to the bit.
-
-    Their scheduler value at "time" t is warmup_lr + t * ((lr - warmup_lr) / W) for t < W (W =
-    `warmup_epochs`), else the cosine at t - W of `epochs`, min_lr past it (one cycle). They set it at
-    construction (t = 0: warmup_lr, or lr when W = 0), in epoch 0 after step i when i % step_size == 0
-    and i <= W * step_size (t = i // step_size, used from step i + 1 on), and for epoch e >= 1 at
-    t = e + W: Pretrain.py, VQA.py and Pretrain_nlvr.py before epoch e, Retrieval.py, NLVR.py, VE.py and
-    Grounding.py after epoch e - 1, the same value either way. The float operations are theirs too.
-    """
-    W = cfg.warmup_epochs
-    if epoch == 0 and step_in_epoch == 0:
-        return cfg.warmup_lr if W else cfg.lr
-    t = epoch + W if epoch else min(W, (step_in_epoch - 1) // cfg.step_size)
-    if t < W:
-        return cfg.warmup_lr + t * ((cfg.lr - cfg.warmup_lr) / W)
-    if t - W >= cfg.epochs:
-        return cfg.min_lr
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * (t - W) / cfg.epochs))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 # ------------------------------------------------------------------------------------------- logging
@@ -516,76 +254,6 @@ def append_log(output_dir: str, stats: dict) -> None:
             f.write(json.dumps(stats) + "\n")
 
 
-class SmoothedValue:
-    """Median over a window and the global average of a host-side series."""
-
-    def __init__(self, window_size: int = 50, fmt: str = "{median:.4f} ({global_avg:.4f})"):
-        self.window, self.total, self.count, self.fmt = deque(maxlen=window_size), 0.0, 0, fmt
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.window.append(value)
-        self.total, self.count = self.total + value * n, self.count + n
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / max(1, self.count)
-
-    def __str__(self) -> str:
-        median, last = (float(np.median(self.window)), self.window[-1]) if self.window else (math.nan, math.nan)
-        return self.fmt.format(median=median, global_avg=self.global_avg, value=last)
-
-
-class MetricLogger:
-    """Named SmoothedValues fed with one dict per step. Tensors stay on device until `flush()` reads all
-    of them back in one transfer (at print time: no GPU sync inside a step); the buffered per-step
-    values then go to TensorBoard at their own global step."""
-
-    def __init__(self, window_size: int = 50, delimiter: str = "  "):
-        self.meters: dict[str, SmoothedValue] = {}
-        self.window_size, self.delimiter = window_size, delimiter
-        self.pending: list[tuple[int, dict[str, float], list[str], torch.Tensor]] = []
-
-    def update(self, step: int, **values: torch.Tensor | float) -> None:
-        tensors = {k: v.detach().float().reshape(()) for k, v in values.items() if isinstance(v, torch.Tensor)}
-        floats = {k: float(v) for k, v in values.items() if k not in tensors}
-        self.pending.append((step, floats, list(tensors), torch.stack(list(tensors.values())) if tensors else None))
-
-    def flush(self, tb=None) -> list[tuple[int, dict[str, float]]]:
-        """Read the buffered values back (one transfer) into the meters and TensorBoard; returns them,
-        (step, {name: value}) per step."""
-        rows = [r for *_, r in self.pending if r is not None]
-        flat = iter(torch.cat([r.to(rows[0].device) for r in rows]).tolist() if rows else [])  # the one sync
-        flushed = []
-        for step, floats, keys, _ in self.pending:
-            values = floats | dict(zip(keys, flat))  # zip stops at the end of keys: flat stays aligned
-            flushed.append((step, values))
-            for k, v in values.items():
-                if k not in self.meters:
-                    fmt = "{value:.6f}" if k == "lr" else "{median:.4f} ({global_avg:.4f})"
-                    self.meters[k] = SmoothedValue(self.window_size, fmt)
-                self.meters[k].update(v)
-                if tb is not None:
-                    tb.add_scalar(f"train/{k}", v, step)
-        self.pending.clear()
-        return flushed
-
-    def synchronize(self, device: torch.device) -> None:
-        """Sum counts and totals over ranks (collective; the windows stay local)."""
-        if tdist.is_available() and tdist.is_initialized():
-            names = sorted(self.meters)
-            t = torch.tensor([[self.meters[k].count, self.meters[k].total] for k in names], dtype=torch.float64)
-            t = t.to(device)
-            tdist.all_reduce(t)
-            for k, (count, total) in zip(names, t.tolist()):
-                self.meters[k].count, self.meters[k].total = int(count), total
-
-    def global_avg(self) -> dict[str, float]:
-        return {k: m.global_avg for k, m in self.meters.items()}
-
-    def __str__(self) -> str:
-        return self.delimiter.join(f"{k}: {m}" for k, m in self.meters.items())
-
-
 # ---------------------------------------------------------------------------------------- training
 
 
@@ -601,16 +269,6 @@ def steps_per_epoch(loader: DataLoader, accum_steps: int) -> int:
                           f"rank (incomplete batches dropped), fewer than accum_steps {accum_steps}; lower the batch "
                           "size or accum_steps, or use more data")
     return batches // accum_steps
-
-
-def first_epoch_ramp(epoch: int, step_in_epoch: int, steps_per_epoch: int, warm_up: bool = True) -> float:
-    """0 -> 1 linearly over the first epoch, then 1 (ALBEF's warm-up of alpha); 1 throughout without `warm_up`."""
-    return min(1.0, step_in_epoch / steps_per_epoch) if epoch == 0 and warm_up else 1.0
-
-
-def alpha_schedule(alpha: float, steps_per_epoch: int, warm_up: bool = True) -> Callable[[int, int], dict]:
-    """`fit`'s `forward_kwargs` for the distillation weight: {"alpha": alpha * first_epoch_ramp(...)}."""
-    return lambda epoch, i: {"alpha": alpha * first_epoch_ramp(epoch, i, steps_per_epoch, warm_up)}
 
 
 def autocast_context(amp: str, device: torch.device):
@@ -863,25 +521,36 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
     return log
 
 
+def gather_by_index(rows: dict[int, typing.Any]) -> dict[int, typing.Any]:
+    """Every rank's {sample index: result} merged and in index order, on every rank (collective; the
+    rows themselves on one process). Evaluation shards samples over ranks; keyed by index, nothing is
+    dropped and a sample two ranks scored (a padded shard) counts once."""
+    if tdist.is_available() and tdist.is_initialized():
+        shards = [None] * tdist.get_world_size()
+        tdist.all_gather_object(shards, rows)
+        rows = {k: v for shard in shards for k, v in shard.items()}
+    return dict(sorted(rows.items()))
+
+
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, collate_fn: Callable, *, batch_size: int, dist: DistInfo,
                       amp: str = "auto", num_workers: int = 0) -> dict[str, float]:
     """{"acc": fraction of `model.predict(image, input_ids, attention_mask).argmax(1) == targets`} over the
-    whole split (NLVR, VE): rank r scores samples r, r+W, ... (nothing padded or dropped), counts summed."""
+    whole split (NLVR, VE): rank r scores samples r, r+W, ..., gathered by index."""
     model.eval()
-    shard = torch.utils.data.Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
-                        generator=torch.Generator())  # leaves the training RNG stream alone
-    counts = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    indices = range(dist.rank, len(dataset), dist.world_size)
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_fn,
+                        num_workers=num_workers, generator=torch.Generator())  # leaves the training RNG alone
+    correct, done = {}, 0
     for batch in loader:
         batch = to_device(batch, dist.device)
         with autocast_context(amp, dist.device):
             logits = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"])
-        counts[0] += (logits.argmax(dim=1) == batch["targets"]).sum()
-        counts[1] += batch["targets"].numel()
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.all_reduce(counts)
-    return {"acc": (counts[0] / counts[1].clamp(min=1)).item()}
+        hits = (logits.argmax(dim=1) == batch["targets"]).tolist()
+        correct.update(zip(indices[done:done + len(hits)], hits))
+        done += len(hits)
+    correct = gather_by_index(correct)
+    return {"acc": sum(correct.values()) / max(1, len(correct))}
 
 
 def evaluate_accuracy_splits(model: nn.Module, splits: dict[str, Dataset], collate_fn: Callable, *, batch_size: int,
