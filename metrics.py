@@ -3,12 +3,17 @@ once per progress line."""
 
 from __future__ import annotations
 
+import datetime
+import logging
 import math
+import time
 from collections import deque
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+
+logger = logging.getLogger(__name__)
 
 
 class SmoothedValue:
@@ -74,8 +79,29 @@ class MetricLogger:
             for k, (count, total) in zip(names, t.tolist()):
                 self.meters[k].count, self.meters[k].total = int(count), total
 
+    def log_progress(self, epoch: int, i: int, steps_per_epoch: int, per_step: float, data_time: SmoothedValue) -> None:
+        """The progress line after step `i` of `epoch`: eta, every meter, seconds per step and waiting for data."""
+        eta = datetime.timedelta(seconds=int(per_step * (steps_per_epoch - i - 1)))
+        parts = [f"Train Epoch: [{epoch}]", f"[{i:>{len(str(steps_per_epoch))}}/{steps_per_epoch}]", f"eta: {eta}",
+                 str(self), f"time: {per_step:.4f}", f"data: {data_time.global_avg:.4f}"]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+        logger.info(self.delimiter.join(parts))
+
     def global_avg(self) -> dict[str, float]:
         return {k: m.global_avg for k, m in self.meters.items()}
 
     def __str__(self) -> str:
         return self.delimiter.join(f"{k}: {m}" for k, m in self.meters.items())
+
+
+def timed(batches, meter: SmoothedValue):
+    """`batches`, recording in `meter` the host time spent waiting for each."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        meter.update(time.perf_counter() - t0)
+        yield batch

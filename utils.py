@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ import checkpoints
 from checkpoints import Preempted, TrainingDiverged
 from models.bert import PretrainedNotFound
 from memory import keep_freed_memory
-from metrics import MetricLogger, SmoothedValue
+from metrics import MetricLogger, SmoothedValue, timed
 from models.checkpoint import CheckpointError, ChecksumError
 from optim import (OptimizerConfig, SchedulerConfig, alpha_schedule, build_optimizer,  # noqa: F401 - the scripts' names
                    first_epoch_ramp, lr_at, set_lr)
@@ -350,8 +349,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     model.train()
     micro = cfg.accum_steps
     place_loader(loader, epoch, start_step_in_epoch * micro, steps_per_epoch * micro)
-    metrics, data_time, header = MetricLogger(), SmoothedValue(), f"Train Epoch: [{epoch}]"
-    batches, params = _timed(iter(loader), data_time), [p for p in model.parameters() if p.requires_grad]
+    metrics, data_time = MetricLogger(), SmoothedValue()
+    batches, params = timed(iter(loader), data_time), [p for p in model.parameters() if p.requires_grad]
     start_time = window_time = time.perf_counter()
     window_samples = skipped = 0
     for i in range(start_step_in_epoch, steps_per_epoch):
@@ -378,13 +377,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             if tb is not None:
                 tb.add_scalar("train/throughput", window_samples * dist.world_size / max(now - window_time, 1e-9), step)
             window_time, window_samples = now, 0
-            per_step = (now - start_time) / (i - start_step_in_epoch + 1)
-            eta = datetime.timedelta(seconds=int(per_step * (steps_per_epoch - i - 1)))
-            parts = [header, f"[{i:>{len(str(steps_per_epoch))}}/{steps_per_epoch}]", f"eta: {eta}", str(metrics),
-                     f"time: {per_step:.4f}", f"data: {data_time.global_avg:.4f}"]
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
-            logger.info(metrics.delimiter.join(parts))
+            metrics.log_progress(epoch, i, steps_per_epoch, (now - start_time) / (i - start_step_in_epoch + 1), data_time)
         if on_step is not None:
             on_step(step + 1, i + 1)
     check_finite(metrics.flush(tb), epoch, steps_per_epoch)
@@ -441,83 +434,97 @@ class StopTraining(Exception):
     """Raised from an `on_step` hook to end training early (`--max_steps`)."""
 
 
+def samples_per_step(loader: DataLoader, accum_steps: int, world_size: int) -> int | None:
+    """Samples one optimizer step takes over all ranks (None for a loader without a batch size)."""
+    batch_size = getattr(loader_position(loader), "batch_size", None) or loader.batch_size
+    return batch_size * accum_steps * world_size if batch_size else None
+
+
+@dataclass
+class _Saver:
+    """fit's checkpoint writer: resumable `checkpoint_last.pth` / `checkpoint_XX.pth`, and the best weights."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    cfg: typing.Any
+    output_dir: str
+    steps_per_epoch: int
+    samples_per_step: int | None
+    best: float = float("-inf")
+
+    def save(self, name: str, epoch: int, step: int, step_in_epoch: int) -> str:
+        state = checkpoints.resume_state(self.model, self.optimizer, self.cfg, epoch, step, step_in_epoch,
+                                         steps_per_epoch=self.steps_per_epoch, samples_per_step=self.samples_per_step)
+        checkpoints.save_checkpoint(path := os.path.join(self.output_dir, name), state | {"best": self.best})
+        return path
+
+    def save_if_best(self, stats: dict[str, float], select: str | None, epoch: int) -> None:
+        """`checkpoint_best.pth`, weights only, when `stats[select]` beats every earlier epoch."""
+        if select is None or not stats[select] > self.best:
+            return
+        self.best = stats[select]
+        checkpoints.save_checkpoint(os.path.join(self.output_dir, "checkpoint_best.pth"), {
+            "model": self.model.state_dict(), "config": config_to_dict(self.cfg), "epoch": epoch, select: self.best})
+
+
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, cfg, dist: DistInfo,
         output_dir: str, resume: str | None = None, max_steps: int | None = None,
         forward_kwargs: Callable[[int, int], dict] | None = None,
         evaluate: Callable[[int], dict[str, float]] | None = None, select: str | None = None,
         keep_every_epoch: bool = False, ddp_kwargs: dict | None = None, tb=None) -> dict[str, float]:
     """The epoch loop every task script shares; `cfg` carries the engine knobs and `schedular`.
-
-    `resume`: a checkpoint_last.pth of this run (weights, optimizer, position, RNG, best score), also
-    one written by another number of processes (placed by samples, see `resume_position`; ranks the
-    file has no RNG state for keep their own seed). A finished run is said so and left alone.
-    Each epoch: `train_one_epoch`, then `evaluate(epoch)` (if given), `checkpoint_best.pth` (weights) when
-    `stats[select]` improves, `checkpoint_XX.pth` with `keep_every_epoch` (the original's pretraining
-    habit), one log.txt line, and last `checkpoint_last.pth` (resumable, also every `save_every_steps`),
-    which marks the epoch done: a kill between these saves loses nothing. `max_steps` stops after that
-    many optimizer steps, with the same evaluation and saving. A stop signal (StopSignals) stops after the
-    current step with checkpoint_last.pth at that position (at an epoch's last step: after the epoch's
-    saves) and raises Preempted. `tb` is the script's TensorBoard writer (the script closes it).
-    Returns the last epoch's log line.
+    `resume`: a checkpoint_last.pth of this run, also one written by another number of processes (placed
+    by samples, see `resume_position`); a finished run is said so and left alone.
+    Each epoch: `train_one_epoch`, `evaluate(epoch)` (if given), `checkpoint_best.pth` (weights) when
+    `stats[select]` improves, `checkpoint_XX.pth` with `keep_every_epoch` (the original's pretraining habit),
+    one log.txt line, and last `checkpoint_last.pth` (resumable, also every `save_every_steps`), which
+    marks the epoch done: a kill between these saves loses nothing. `max_steps` stops after that many
+    steps, evaluated and saved alike. A stop signal stops after the current step with checkpoint_last.pth
+    there and raises Preempted. `tb`: the script's TensorBoard writer. Returns the last log.txt line.
     """
-    steps_per_epoch_ = steps_per_epoch(loader, cfg.accum_steps)
-    batch_size = getattr(loader_position(loader), "batch_size", None) or loader.batch_size
-    samples_per_step = batch_size * cfg.accum_steps * dist.world_size if batch_size else None
+    steps = steps_per_epoch(loader, cfg.accum_steps)
+    saver = _Saver(model, optimizer, cfg, output_dir, steps, samples_per_step(loader, cfg.accum_steps, dist.world_size))
     checkpoints.remove_stale_tmp(output_dir)
-    start_epoch, start_step, best = 0, 0, float("-inf")
+    start_epoch, start_step = 0, 0
     if resume:
-        start_epoch, start_step, best = checkpoints.resume_training(model, optimizer, resume, steps_per_epoch_,
-                                                                    samples_per_step, dist.world_size)
-        if finished(resume, start_epoch * steps_per_epoch_ + start_step, cfg.schedular.epochs * steps_per_epoch_,
-                    max_steps):
+        start_epoch, start_step, saver.best = checkpoints.resume_training(model, optimizer, resume, steps,
+                                                                          saver.samples_per_step, dist.world_size)
+        if finished(resume, start_epoch * steps + start_step, cfg.schedular.epochs * steps, max_steps):
             return {}
     ddp_model = wrap_ddp(model, dist, **(ddp_kwargs or {}))
     epoch, log = start_epoch, {}
 
-    def save(name: str, step: int, step_in_epoch: int) -> str:
-        state = checkpoints.resume_state(model, optimizer, cfg, epoch, step, step_in_epoch,
-                                         steps_per_epoch=steps_per_epoch_, samples_per_step=samples_per_step)
-        state |= {"best": best}
-        checkpoints.save_checkpoint(path := os.path.join(output_dir, name), state)
-        return path
-
     def on_step(step: int, step_in_epoch: int) -> None:
-        if step_in_epoch < steps_per_epoch_:  # at an epoch's end: after the epoch's saves
-            stop.stop_if_received(lambda: save("checkpoint_last.pth", step, step_in_epoch),
+        if step_in_epoch < steps:  # at an epoch's end: after the epoch's saves
+            stop.stop_if_received(lambda: saver.save("checkpoint_last.pth", epoch, step, step_in_epoch),
                                   f"at epoch {epoch} step {step_in_epoch}")
         if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-            save("checkpoint_last.pth", step, step_in_epoch)
-        if max_steps is not None and step >= max_steps and step_in_epoch < steps_per_epoch_:
+            saver.save("checkpoint_last.pth", epoch, step, step_in_epoch)
+        if max_steps is not None and step >= max_steps and step_in_epoch < steps:
             raise StopTraining  # at an epoch's end the epoch finishes normally
 
     with checkpoints.StopSignals() as stop:
         for epoch in range(start_epoch, cfg.schedular.epochs):
-            done = steps_per_epoch_
             try:
-                train_stats = train_one_epoch(
-                    ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps_per_epoch_,
+                done, train_stats = steps, train_one_epoch(
+                    ddp_model, loader, optimizer, epoch=epoch, steps_per_epoch=steps,
                     start_step_in_epoch=start_step if epoch == start_epoch else 0, cfg=cfg, sched=cfg.schedular,
                     dist=dist, tb=tb, forward_kwargs=forward_kwargs, on_step=on_step)
             except StopTraining:
-                done, train_stats = max_steps - epoch * steps_per_epoch_, {}
+                done, train_stats = max_steps - epoch * steps, {}
                 logger.info("stopped after --max_steps %d; state saved to checkpoint_last.pth", max_steps)
-            stats = evaluate(epoch) if evaluate else {}
-            if select is not None and stats[select] > best:
-                best = stats[select]
-                checkpoints.save_checkpoint(os.path.join(output_dir, "checkpoint_best.pth"), {
-                    "model": model.state_dict(), "config": config_to_dict(cfg), "epoch": epoch, select: best})
-            step = epoch * steps_per_epoch_ + done
-            if keep_every_epoch and done == steps_per_epoch_:
-                save(f"checkpoint_{epoch:02d}.pth", step, done)
-            log = {f"train_{k}": v for k, v in train_stats.items()} | stats | {"epoch": epoch}
-            append_log(output_dir, log)
-            last = save("checkpoint_last.pth", step, done)
+            step, stats = epoch * steps + done, evaluate(epoch) if evaluate else {}
+            saver.save_if_best(stats, select, epoch)
+            if keep_every_epoch and done == steps:
+                saver.save(f"checkpoint_{epoch:02d}.pth", epoch, step, done)
+            append_log(output_dir, log := {f"train_{k}": v for k, v in train_stats.items()} | stats | {"epoch": epoch})
+            last = saver.save("checkpoint_last.pth", epoch, step, done)
             if max_steps is not None and step >= max_steps:
                 break
             if epoch + 1 < cfg.schedular.epochs:
                 stop.stop_if_received(lambda: last, f"after epoch {epoch}")
     if select is not None:
-        logger.info("best %s: %.4f", select, best)
+        logger.info("best %s: %.4f", select, saver.best)
     return log
 
 
@@ -566,15 +573,3 @@ def evaluate_accuracy_splits(model: nn.Module, splits: dict[str, Dataset], colla
         for k, v in stats.items():
             tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
     return stats
-
-
-def _timed(batches, meter: SmoothedValue):
-    """`batches`, recording in `meter` the host time spent waiting for each."""
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        meter.update(time.perf_counter() - t0)
-        yield batch

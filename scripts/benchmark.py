@@ -202,28 +202,40 @@ def run_one(args) -> dict:
               "kernel_s_per_step": (usage.ru_stime - usage0.ru_stime) / args.steps,
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     if args.profile:
-        instrument(model)
-        original_step = optimizer.step
-        def ranged_step(*a, **kw):
-            with record_function("part:optimizer"):
-                return original_step(*a, **kw)
-        optimizer.step = ranged_step
-        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
-        with torch.profiler.profile(activities=activities) as prof:
-            step()
-            sync()
-        result["parts_ms"] = split_by_part(prof, device.type == "cuda")
+        result["parts_ms"] = profile_parts(model, optimizer, step, sync, device)
     if args.flops:
-        forward_flops, backward_flops = count_flops(forward)
-        optimizer.zero_grad(set_to_none=True)
-        flops = forward_flops + backward_flops
-        result |= {"gflop_per_sample": flops / args.batch / 1e9,
-                   "forward_gflop_per_sample": forward_flops / args.batch / 1e9,
-                   "achieved_tflops": flops / result["step_s"] / 1e12}
-        peak_tflops = measure_peak_tflops(device, args.amp) if args.measure_peak else args.peak_tflops
-        if peak_tflops:
-            result |= {"peak_tflops": peak_tflops, "mfu": result["achieved_tflops"] / peak_tflops}
+        result |= flop_report(forward, optimizer, args, device, result["step_s"])
     return result
+
+
+def profile_parts(model, optimizer, step: Callable[[], None], sync: Callable[[], None], device) -> dict:
+    """Milliseconds per part of the model (`instrument`'s ranges, the optimizer step its own) in one profiled step."""
+    instrument(model)
+    original_step = optimizer.step
+
+    def ranged_step(*a, **kw):
+        with record_function("part:optimizer"):
+            return original_step(*a, **kw)
+
+    optimizer.step = ranged_step
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync()
+    return split_by_part(prof, device.type == "cuda")
+
+
+def flop_report(forward: Callable[[], torch.Tensor], optimizer, args, device, step_s: float) -> dict:
+    """FLOPs of one step per sample, the achieved rate and, with a peak rate, the model FLOPs utilisation."""
+    forward_flops, backward_flops = count_flops(forward)
+    optimizer.zero_grad(set_to_none=True)
+    flops = forward_flops + backward_flops
+    out = {"gflop_per_sample": flops / args.batch / 1e9, "forward_gflop_per_sample": forward_flops / args.batch / 1e9,
+           "achieved_tflops": flops / step_s / 1e12}
+    peak_tflops = measure_peak_tflops(device, args.amp) if args.measure_peak else args.peak_tflops
+    if peak_tflops:
+        out |= {"peak_tflops": peak_tflops, "mfu": out["achieved_tflops"] / peak_tflops}
+    return out
 
 
 def print_report(r: dict) -> None:
