@@ -37,7 +37,7 @@ class NLVRConfig(utils.EngineConfig, ALBEFConfig):
     image_root: str = ""  # prefix of the image paths in the files
     batch_size: int = 16  # per GPU, training and evaluation
     max_words: int = 30
-    distill: bool = True  # momentum distillation (momentum 0.995, hard-coded as the original)
+    distill: bool = True  # momentum distillation, EMA factor `momentum` (default 0.995: the original hard-codes it)
     warm_up: bool = True  # alpha ramps up linearly over the first epoch
     eval_ema: bool = False  # accepted for the original's files; unused there too
     # ALBEF parity (false): from a checkpoint without momentum weights, the momentum twins keep the
@@ -55,11 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = utils.task_parser(__doc__, configs, "output/nlvr",
                           checkpoint_help="initialise from these weights: TA, pretraining or fine-tuned NLVR")
     return p.parse_args(argv)
-
-
-def evaluate_splits(model, evals: dict, collate, cfg, dist, epoch: int, tb=None) -> dict[str, float]:
-    return utils.evaluate_accuracy_splits(model, evals, collate, batch_size=cfg.batch_size, dist=dist, amp=cfg.amp,
-                                          num_workers=cfg.num_workers, epoch=epoch, tb=tb)
 
 
 def main(argv=None) -> ALBEFNLVR:
@@ -84,10 +79,10 @@ def main(argv=None) -> ALBEFNLVR:
         model.init_pretrained_encoders()
     model.to(dist.device)
     tb = utils.build_tb_writer(args.output_dir)
+    evaluate = utils.accuracy_evaluator(model, evals, collate, cfg.batch_size, cfg, dist, tb)
 
     if args.evaluate:
-        stats = evaluate_splits(model, evals, collate, cfg, dist, epoch=-1, tb=tb)
-        utils.append_log(args.output_dir, stats | {"epoch": -1})
+        utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
         utils.cleanup_distributed()
         return model
 
@@ -103,7 +98,7 @@ def main(argv=None) -> ALBEFNLVR:
 
     utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
               max_steps=args.max_steps, forward_kwargs=utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up),
-              select="val_acc", tb=tb, evaluate=lambda epoch: evaluate_splits(model, evals, collate, cfg, dist, epoch, tb))
+              select="val_acc", tb=tb, evaluate=evaluate)
     if tb is not None:
         tb.close()
     utils.cleanup_distributed()

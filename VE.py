@@ -37,7 +37,7 @@ class VEConfig(utils.EngineConfig, ALBEFConfig):
     batch_size_train: int = 32  # per GPU
     batch_size_test: int = 64
     max_words: int = 30
-    distill: bool = True  # momentum distillation (momentum 0.995, hard-coded as the original)
+    distill: bool = True  # momentum distillation, EMA factor `momentum` (default 0.995: the original hard-codes it)
     warm_up: bool = False  # alpha ramps up linearly over the first epoch
     crop_scale: list[float] = field(default_factory=lambda: list(FINETUNE_SCALE))
     hflip: bool = True
@@ -51,11 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = utils.task_parser(__doc__, configs, "output/ve",
                           checkpoint_help="initialise from these weights: pretraining or fine-tuned VE")
     return p.parse_args(argv)
-
-
-def evaluate_splits(model, evals: dict, collate, cfg, dist, epoch: int, tb=None) -> dict[str, float]:
-    return utils.evaluate_accuracy_splits(model, evals, collate, batch_size=cfg.batch_size_test, dist=dist, amp=cfg.amp,
-                                          num_workers=cfg.num_workers, epoch=epoch, tb=tb)
 
 
 def main(argv=None) -> ALBEFVE:
@@ -78,10 +73,10 @@ def main(argv=None) -> ALBEFVE:
         model.init_pretrained_encoders()
     model.to(dist.device)
     tb = utils.build_tb_writer(args.output_dir)
+    evaluate = utils.accuracy_evaluator(model, evals, collate, cfg.batch_size_test, cfg, dist, tb)
 
     if args.evaluate:
-        stats = evaluate_splits(model, evals, collate, cfg, dist, epoch=-1, tb=tb)
-        utils.append_log(args.output_dir, stats | {"epoch": -1})
+        utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
         utils.cleanup_distributed()
         return model
 
@@ -97,7 +92,7 @@ def main(argv=None) -> ALBEFVE:
 
     utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
               max_steps=args.max_steps, forward_kwargs=utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up),
-              select="val_acc", tb=tb, evaluate=lambda epoch: evaluate_splits(model, evals, collate, cfg, dist, epoch, tb))
+              select="val_acc", tb=tb, evaluate=evaluate)
     if tb is not None:
         tb.close()
     utils.cleanup_distributed()

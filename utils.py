@@ -560,16 +560,20 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, collate_fn: Callable, 
     return {"acc": sum(correct.values()) / max(1, len(correct))}
 
 
-def evaluate_accuracy_splits(model: nn.Module, splits: dict[str, Dataset], collate_fn: Callable, *, batch_size: int,
-                             dist: DistInfo, amp: str, num_workers: int, epoch: int, tb=None) -> dict[str, float]:
-    """`evaluate_accuracy` on each split -> {"val_acc": .., "test_acc": ..}, logged and sent to TensorBoard."""
-    stats = {}
-    for split, dataset in splits.items():
-        acc = evaluate_accuracy(model, dataset, collate_fn, batch_size=batch_size, dist=dist, amp=amp,
-                                num_workers=num_workers)
-        stats |= {f"{split}_{k}": v for k, v in acc.items()}
-    logger.info("epoch %d: %s", epoch, "  ".join(f"{k}: {100 * v:.2f}%" for k, v in stats.items()))
-    if tb is not None:
-        for k, v in stats.items():
-            tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-    return stats
+def accuracy_evaluator(model: nn.Module, splits: dict[str, Dataset], collate_fn: Callable, batch_size: int,
+                       cfg: EngineConfig, dist: DistInfo, tb=None) -> Callable[[int], dict[str, float]]:
+    """NLVR's and VE's evaluation, `evaluate(epoch)` -> {"val_acc": .., "test_acc": ..}: `evaluate_accuracy` of
+    each split (under `cfg.amp`, `cfg.num_workers` loader workers), logged and sent to TensorBoard."""
+    def evaluate(epoch: int) -> dict[str, float]:
+        stats = {}
+        for split, dataset in splits.items():
+            acc = evaluate_accuracy(model, dataset, collate_fn, batch_size=batch_size, dist=dist, amp=cfg.amp,
+                                    num_workers=cfg.num_workers)
+            stats |= {f"{split}_{k}": v for k, v in acc.items()}
+        logger.info("epoch %d: %s", epoch, "  ".join(f"{k}: {100 * v:.2f}%" for k, v in stats.items()))
+        if tb is not None:
+            for k, v in stats.items():
+                tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+        return stats
+
+    return evaluate

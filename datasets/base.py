@@ -126,3 +126,24 @@ def open_image(path: PathLike, where: str | None = None) -> Image.Image:
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
         entry = f" (annotation {where})" if where else ""
         raise ImageLoadError(f"cannot load image {os.fspath(path)}{entry}: {type(e).__name__}: {e}") from e
+
+
+class LabelledDataset:
+    """Annotations whose entries carry a `label` out of `LABELS` (NLVR, VE): the file(s), the transform, the
+    image root and the caption length every such dataset keeps, and the label's class id."""
+
+    LABELS: dict[str, int] = {}
+
+    def __init__(self, ann_files: PathLike | Sequence[PathLike], transform, image_root: PathLike | None = None,
+                 max_words: int = 30):
+        self.ann = Annotations(ann_files)
+        self.transform, self.image_root, self.max_words = transform, image_root, max_words
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def label(self, index: int) -> int:
+        value = self.ann.field(index, "label")
+        if value not in self.LABELS:
+            raise AnnotationError(f"{self.ann.where(index)}: label must be one of {sorted(self.LABELS)}, got {value!r}")
+        return self.LABELS[value]

@@ -8,13 +8,13 @@ as the NLVR model reads it: all left images, then all right images.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset
 from transformers import BertTokenizerFast
 
-from datasets.base import AnnotationError, Annotations, PathLike, image_path, open_image
+from datasets.base import AnnotationError, LabelledDataset, image_path, open_image
 from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
 
 LABELS = {"True": 1, "False": 0}
@@ -22,22 +22,10 @@ LABELS = {"True": 1, "False": 0}
 Sample = tuple[torch.Tensor, torch.Tensor, str, int]
 
 
-class NLVRDataset(Dataset):
+class NLVRDataset(LabelledDataset, Dataset):
     """Image pairs with a sentence each, from one or several annotation files (concatenated)."""
 
-    def __init__(self, ann_files: PathLike | Sequence[PathLike], transform: Callable,
-                 image_root: PathLike | None = None, max_words: int = 30):
-        self.ann = Annotations(ann_files)
-        self.transform, self.image_root, self.max_words = transform, image_root, max_words
-
-    def __len__(self) -> int:
-        return len(self.ann)
-
-    def label(self, index: int) -> int:
-        value = self.ann.field(index, "label")
-        if value not in LABELS:
-            raise AnnotationError(f"{self.ann.where(index)}: label must be 'True' or 'False', got {value!r}")
-        return LABELS[value]
+    LABELS = LABELS
 
     def __getitem__(self, index: int) -> Sample:
         pair = self.ann.field(index, "images")

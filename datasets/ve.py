@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import BertTokenizerFast
 
-from datasets.base import AnnotationError, Annotations, PathLike, image_path, open_image
+from datasets.base import LabelledDataset, image_path, open_image
 from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
 
 # ALBEF parity: the original's class ids.
@@ -24,22 +24,10 @@ LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
 Sample = tuple[torch.Tensor, str, int]
 
 
-class VEDataset(Dataset):
-    """(image, normalised hypothesis, class id) triples of one annotation file."""
+class VEDataset(LabelledDataset, Dataset):
+    """(image, normalised hypothesis, class id) triples of one or several annotation files."""
 
-    def __init__(self, ann_file: PathLike | list[PathLike], transform: Callable, image_root: PathLike | None = None,
-                 max_words: int = 30):
-        self.ann = Annotations(ann_file)
-        self.transform, self.image_root, self.max_words = transform, image_root, max_words
-
-    def __len__(self) -> int:
-        return len(self.ann)
-
-    def label(self, index: int) -> int:
-        value = self.ann.field(index, "label")
-        if value not in LABELS:
-            raise AnnotationError(f"{self.ann.where(index)}: label must be one of {sorted(LABELS)}, got {value!r}")
-        return LABELS[value]
+    LABELS = LABELS
 
     def __getitem__(self, index: int) -> Sample:
         name = str(self.ann.field(index, "image"))

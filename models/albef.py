@@ -117,17 +117,24 @@ def negative_weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, (~eye).float(), w)
 
 
-def distilled_classification(model, image, input_ids, attention_mask, targets, alpha: float, momentum: float,
+def classifier_head(width: int, num_classes: int) -> nn.Sequential:
+    """NLVR's and VE's head, Linear(W, W) -> ReLU -> Linear(W, classes): keys `0.*` and `2.*` as the original's
+    `cls_head`."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+
+def distilled_classification(model, image, input_ids, attention_mask, targets, alpha: float,
                              return_outputs: bool = False) -> dict:
     """NLVR's and VE's training loss: cross-entropy of `model.classify`, mixed with the momentum
     model's soft labels when `model.distill`. ALBEF parity: the momentum update runs before the momentum
-    pass, even in eval mode, and both tasks hard-code the momentum (0.995)."""
+    pass, even in eval mode. Its factor is the config's `momentum`: the original's NLVR, VE and VQA models
+    hard-code 0.995, which is its default and the value of every full-size config."""
     out: dict[str, torch.Tensor] = {}
     prediction = model.classify(image, input_ids, attention_mask, out=out)
     loss = F.cross_entropy(prediction, targets)
     if model.distill:
         with torch.no_grad():
-            model.momentum_update(momentum)
+            model.momentum_update(model.cfg.momentum)
             prediction_m = model.classify(image, input_ids, attention_mask, momentum=True, out=out)
         loss = (1 - alpha) * loss + alpha * soft_cross_entropy(prediction, F.softmax(prediction_m, dim=1))
     return {"loss": loss} | (out if return_outputs else {})

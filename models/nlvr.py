@@ -19,21 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.albef import ALBEFBase, ALBEFConfig, distilled_classification
+from models.albef import ALBEFBase, ALBEFConfig, classifier_head, distilled_classification
 from models.bert import BertConfig, TwoImageBertModel
 from models.checkpoint import is_pretraining, load_weights
 
 logger = logging.getLogger(__name__)
 
-# ALBEF parity: model_nlvr.py hard-codes the EMA factor; the config's `momentum` is not read (quirk 4).
-NLVR_MOMENTUM = 0.995
 # ALBEF parity: the TA hard-negative weights use this constant, not the `temp` parameter (quirk 3).
 TA_TEMPERATURE = 0.07
-
-
-def classifier_head(width: int, num_classes: int) -> nn.Sequential:
-    """Linear(W, W) -> ReLU -> Linear(W, classes): keys `0.*` and `2.*` as the original's `cls_head`."""
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
 
 
 class ALBEFNLVR(ALBEFBase):
@@ -74,7 +67,7 @@ class ALBEFNLVR(ALBEFBase):
         return self.classify(image, input_ids, attention_mask)
 
     def forward(self, image, input_ids, attention_mask, targets, alpha: float = 0.0, return_outputs: bool = False):
-        return distilled_classification(self, image, input_ids, attention_mask, targets, alpha, NLVR_MOMENTUM, return_outputs)
+        return distilled_classification(self, image, input_ids, attention_mask, targets, alpha, return_outputs)
 
 
 class ALBEFTextAssignment(ALBEFBase):

@@ -8,20 +8,12 @@ Class ids are the original's: contradiction 0, neutral 1, entailment 2.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from models.albef import ALBEFBase, ALBEFConfig, distilled_classification
+from models.albef import ALBEFBase, ALBEFConfig, classifier_head, distilled_classification
 from models.bert import BertConfig
 from models.checkpoint import load_weights
 
-# ALBEF parity: model_ve.py hard-codes the EMA factor; the config's `momentum` is not read (quirk 4).
-VE_MOMENTUM = 0.995
 NUM_CLASSES = 3
-
-
-def classifier_head(width: int, num_classes: int) -> nn.Sequential:
-    """Linear(W, W) -> ReLU -> Linear(W, classes): keys `0.*` and `2.*` as the original's `cls_head`."""
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
 
 
 class ALBEFVE(ALBEFBase):
@@ -55,7 +47,7 @@ class ALBEFVE(ALBEFBase):
         return self.classify(image, input_ids, attention_mask)
 
     def forward(self, image, input_ids, attention_mask, targets, alpha: float = 0.0, return_outputs: bool = False):
-        return distilled_classification(self, image, input_ids, attention_mask, targets, alpha, VE_MOMENTUM, return_outputs)
+        return distilled_classification(self, image, input_ids, attention_mask, targets, alpha, return_outputs)
 
 
 def ve_state_dict(state_dict: dict) -> dict:

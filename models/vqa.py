@@ -25,8 +25,6 @@ from models.checkpoint import CheckpointError, is_pretraining, load_weights, rea
 
 logger = logging.getLogger(__name__)
 
-# ALBEF parity: the VQA model hard-codes its momentum (quirk 4); the config's `momentum` is not read.
-VQA_MOMENTUM = 0.995
 
 
 @dataclass
@@ -114,7 +112,7 @@ class VQAModel(ALBEFBase):
         logits_m = None
         if self.distill:
             with torch.no_grad():
-                self.momentum_update(VQA_MOMENTUM)  # ALBEF parity: before any momentum feature
+                self.momentum_update(self.cfg.momentum)  # ALBEF parity: before any momentum feature
                 image_embeds_m, question_states_m = self.encode_question(image, question_ids, question_mask, True)
                 logits_m = self.text_decoder_m(answer_ids, answer_mask, question_states_m[rows], question_mask[rows],
                                                causal=True)[:, :-1]
