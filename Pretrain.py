@@ -28,7 +28,7 @@ from datasets.transforms import test_transform, train_transform
 from models.albef import ALBEF, ALBEFConfig, build_bert_config
 from models.checkpoint import load_weights
 from models.bert import resolve_pretrained
-from models.vilta import ViLTA, ViLTAConfig
+from models.vilta import ALBEFViLTA, ViLTA, ViLTAConfig
 
 logger = logging.getLogger("Pretrain")
 
@@ -73,14 +73,13 @@ def main(argv=None) -> ALBEF:
     logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", num_pairs, steps_per_epoch,
                 dist.world_size, cfg.batch_size)
 
-    model = ALBEF(cfg, bert_cfg)
+    vilta = ViLTA.build(cfg.vilta, tokenizer, bert_cfg, cfg.text_encoder) if cfg.vilta.enabled else None
+    model = ALBEFViLTA(cfg, bert_cfg, vilta) if vilta else ALBEF(cfg, bert_cfg)
     if args.checkpoint:
         load_weights(model, args.checkpoint)
     elif not args.resume:
         model.init_pretrained_encoders()
     model.to(dist.device)
-    if cfg.vilta.enabled:
-        model.vilta = ViLTA.build(cfg.vilta, tokenizer, bert_cfg, cfg.text_encoder).to(dist.device)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     tb = utils.build_tb_writer(args.output_dir)
     val = make_val(cfg, tokenizer, dist) if cfg.val_file else None

@@ -18,7 +18,6 @@ from torch import nn
 
 from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert, select_image_kv
 from models.checkpoint import CheckpointError, adapt_pos_embed, load_checkpoint_file, load_state_dict_strict  # noqa: F401 - re-exported
-from models.vilta import ViLTA
 from models.vit import build_vit, load_vit_weights
 
 logger = logging.getLogger(__name__)
@@ -253,14 +252,13 @@ class ALBEFBase(nn.Module):
         return torch.multinomial(weights_t2i, 1).squeeze(1), torch.multinomial(weights_i2t, 1).squeeze(1)
 
     def itm_rows(self, text_embeds, attention_mask, sim_i2t, sim_t2i, same: torch.Tensor, out: dict,
-                 synth_embeds: torch.Tensor | None = None):
+                 extra_embeds: list[torch.Tensor] = ()):
         """The ITM pass's rows: (text states [R, L, H], their masks [R, L], the image of each row [R]),
         R = 3B: B positives and 2B hard negatives drawn from the in-batch similarities.
 
         ALBEF parity: rows are [positives; (text b, negative image); (negative text, image b)] and the
-        negative text keeps its own padding mask; labels are 1 for the first B rows.
-        ViLTA: `synth_embeds` (text states of synthesized captions) adds B rows (synthesized caption b,
-        image b), scored as negatives by `itm_loss`.
+        negative text keeps its own padding mask; labels are 1 for the first B rows. `extra_embeds`: the
+        text states of `extra_texts`, for a subclass that adds rows (none here).
         """
         B = text_embeds.shape[0]
         with torch.no_grad():
@@ -272,21 +270,12 @@ class ALBEFBase(nn.Module):
         text_all = [text_embeds, text_embeds, text_embeds[neg_text]]
         mask_all = [attention_mask, attention_mask, attention_mask[neg_text]]
         image_all = [rows, neg_image, rows]
-        if synth_embeds is not None:
-            text_all, mask_all, image_all = text_all + [synth_embeds], mask_all + [attention_mask], image_all + [rows]
         return torch.cat(text_all), torch.cat(mask_all), torch.cat(image_all)
 
-    def itm_loss(self, cls_states: torch.Tensor, out: dict, synth_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of `itm_head` on the fused [CLS] states of `itm_rows` (first B rows positive);
-        ViLTA's synthesized rows go to `out["loss_itm_synth"]` where `synth_valid`."""
+    def itm_loss(self, cls_states: torch.Tensor, out: dict) -> torch.Tensor:
+        """Cross-entropy of `itm_head` on the fused [CLS] states [3B, H] of `itm_rows` (first B rows positive)."""
         logits = self.itm_head(cls_states)
-        B = logits.shape[0] // (3 if synth_valid is None else 4)
-        if synth_valid is not None:
-            logits, synth_logits = logits[: 3 * B], logits[3 * B :]
-            ce = F.cross_entropy(synth_logits, torch.zeros(B, dtype=torch.long, device=logits.device), reduction="none")
-            out["loss_itm_synth"] = (ce * synth_valid).sum() / synth_valid.sum().clamp(min=1)
-            correct = (synth_logits.argmax(1) == 0).float()
-            out["itm_synth_acc"] = (correct * synth_valid).sum() / synth_valid.sum().clamp(min=1)
+        B = logits.shape[0] // 3
         labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(logits.device)
         out.update(itm_logits=logits, itm_labels=labels)
         return F.cross_entropy(logits, labels)
@@ -354,7 +343,6 @@ class ALBEF(ALBEFBase):
     """The pretraining model: `forward(image, input_ids, attention_mask, alpha)` -> named losses."""
 
     momentum_names = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
-    vilta: ViLTA | None = None  # set by Pretrain.py when the config enables ViLTA; not part of the state dict
 
     def __init__(self, cfg: ALBEFConfig, bert_cfg: BertConfig):
         super().__init__(cfg, bert_cfg, mlm_head=True)
@@ -399,27 +387,24 @@ class ALBEF(ALBEFBase):
         states = bert(torch.cat(texts), attention_mask.repeat(len(texts), 1), mode="text")
         return states.split(attention_mask.shape[0])
 
-    def synthesize_negatives(self, input_ids, attention_mask, out: dict):
-        """ViLTA's synthesized captions and which of them are negatives (a caption with no word to
-        replace is none), or (None, None) without ViLTA's synth_negatives."""
-        if self.vilta is None or not self.vilta.cfg.synth_negatives:
-            return None, None
-        synth_ids, replaced = self.vilta.synthesize(self.text_encoder, input_ids, attention_mask)
-        out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum())
-        return synth_ids, replaced.any(1).float()
+    def extra_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, out: dict) -> list[torch.Tensor]:
+        """More captions [B, L] (sharing `attention_mask`) for the student text pass, whose states reach
+        `itm_rows` as `extra_embeds`: a hook for subclasses (models/vilta.py); plain ALBEF has none."""
+        return []
 
-    def mlm_loss(self, hidden, hidden_m, masked_ids, labels, attention_mask, alpha: float, out: dict, full=False,
-                 cross_weight: float | None = None):
-        """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions,
-        from the last hidden states [B, L, H] of the student and momentum passes over the masked ids.
+    def extra_losses(self, out: dict) -> dict[str, torch.Tensor]:
+        """Named outputs a subclass adds to forward's losses, from `out`; plain ALBEF has none."""
+        return {}
+
+    def mlm_terms(self, hidden, hidden_m, masked_ids, labels, out: dict, full: bool = False):
+        """(log-probabilities, cross-entropy, distillation term, valid) of the masked LM at the masked
+        positions (every position with `full`), from the last hidden states [B, L, H] of the student and
+        momentum passes over the masked ids.
 
         ALBEF parity: the logits come from a separate full pass over the masked ids (not from the ITM
         fusion pass), and the soft targets from the momentum encoder with the momentum image states.
         The vocabulary head runs only at masked positions (15 % of them) unless `full` logits are asked
         for; the loss is the same either way.
-        ViLTA cross-distillation (`cross_weight` w given): the target becomes (1 - w) * base + w * teacher
-        (`models.vilta.mixed_mlm_targets`), base = one-hot ("cross") or ALBEF's mix ("both"); the loss,
-        linear in the target, is returned as (1 - w) * base loss plus `out["loss_mlm_cross"]` = w * teacher KD.
         """
         targets = labels
         if not full:
@@ -432,42 +417,33 @@ class ALBEF(ALBEFBase):
         log_probs = F.log_softmax(logits.float(), dim=-1)
         ce = -log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         kd = -(F.softmax(logits_m.float(), dim=-1) * log_probs).sum(-1)
-        if cross_weight is None:
-            loss = (((1 - alpha) * ce + alpha * kd) * valid).sum() / valid.sum().clamp(min=1)
-        else:
-            base = ce if self.vilta.cfg.mlm_soft_target == "cross" else (1 - alpha) * ce + alpha * kd
-            probs_t = self.vilta.teacher_probs(masked_ids, attention_mask, labels != -100)
-            kd_t = -(probs_t * (log_probs[valid] if full else log_probs)).sum(-1)
-            loss = (1 - cross_weight) * (base * valid).sum() / valid.sum().clamp(min=1)
-            out["loss_mlm_cross"] = cross_weight * kd_t.mean() if kd_t.numel() else kd_t.sum()
         out.update(mlm_input_ids=masked_ids, mlm_labels=labels, mlm_logits=logits, mlm_logits_m=logits_m)
-        return loss
+        return log_probs, ce, kd, valid
 
-    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, image_ids=None, return_outputs=False,
-                cross_weight: float | None = None):
+    def mlm_loss(self, hidden, hidden_m, masked_ids, labels, attention_mask, alpha: float, out: dict, full=False):
+        """Masked LM with momentum distillation: (1-alpha) CE + alpha KD, averaged over masked positions."""
+        _, ce, kd, valid = self.mlm_terms(hidden, hidden_m, masked_ids, labels, out, full)
+        return (((1 - alpha) * ce + alpha * kd) * valid).sum() / valid.sum().clamp(min=1)
+
+    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, image_ids=None, return_outputs=False):
         """Losses {"loss_mlm", "loss_ita", "loss_itm"} (+ "temp"); with `return_outputs` every
         intermediate tensor too. `image_ids` [B], when given, keeps captions of the same image from being
         drawn as each other's ITM negatives (the original only excludes the diagonal).
-        With `self.vilta` set (models/vilta.py): "loss_mlm_cross" when `cross_weight` is given, and
-        "loss_itm_synth", "itm_synth_acc", "synth_replaced" with synthesized negatives.
 
         The original's passes, batched where they run the same layers (the same function, fewer and
-        larger matmuls): one student text pass over the captions, their masked copies (MLM) and ViLTA's
-        synthesized captions; one momentum text pass over the captions and masked copies; one student
+        larger matmuls): one student text pass over the captions, their masked copies (MLM) and any
+        `extra_texts`; one momentum text pass over the captions and masked copies; one student
         fusion pass over the ITM rows and the MLM rows, which read the B images' keys and values
         projected once. The ITM rows' last fusion layer computes [CLS] only.
         """
-        if cross_weight is not None and (self.vilta is None or not self.vilta.cfg.cross):
-            raise ValueError("cross_weight needs a model with vilta.mlm_soft_target 'cross' or 'both'")
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)  # ALBEF parity: clamped in place at every forward
         out: dict[str, torch.Tensor] = {}
         masked_ids, labels = self.mask_tokens(input_ids)
-        synth_ids, synth_valid = self.synthesize_negatives(input_ids, attention_mask, out)
-        texts = [input_ids, masked_ids] + ([synth_ids] if synth_ids is not None else [])
+        texts = [input_ids, masked_ids, *self.extra_texts(input_ids, attention_mask, out)]
 
         image_embeds, image_feat = self.encode_image(image)
-        text_embeds, mlm_text, *synth_embeds = self.text_passes(texts, attention_mask)
+        text_embeds, mlm_text, *extra_embeds = self.text_passes(texts, attention_mask)
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
         with torch.no_grad():
             self.momentum_update(self.cfg.momentum)  # ALBEF parity: before any momentum feature
@@ -482,19 +458,14 @@ class ALBEF(ALBEFBase):
         same = torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
         if image_ids is not None:
             same = same | (image_ids[:, None] == image_ids[None, :])
-        itm_rows = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out, *synth_embeds)
+        itm_rows = self.itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out, extra_embeds)
         itm_cls, hidden = self.fuse_itm(image_embeds, itm_rows, out, full=return_outputs,
                                         more_rows=(mlm_text, attention_mask))
-        loss_itm = self.itm_loss(itm_cls, out, synth_valid)
-        loss_mlm = self.mlm_loss(hidden, hidden_m, masked_ids, labels, attention_mask, alpha, out,
-                                 full=return_outputs, cross_weight=cross_weight)
+        loss_itm = self.itm_loss(itm_cls, out)
+        loss_mlm = self.mlm_loss(hidden, hidden_m, masked_ids, labels, attention_mask, alpha, out, full=return_outputs)
 
         losses = {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm, "temp": self.temp.detach()}
-        if self.vilta is not None:
-            losses |= {k: out[k] for k in ("loss_mlm_cross", "loss_itm_synth", "itm_synth_acc", "synth_replaced")
-                       if k in out}
-            if "loss_itm_synth" in losses:
-                losses["loss_itm_synth"] = self.vilta.cfg.itm_synth_weight * losses["loss_itm_synth"]
+        losses |= self.extra_losses(out)
         if return_outputs:
             out.update(image_embeds=image_embeds, image_embeds_m=image_embeds_m, text_embeds=text_embeds,
                        text_embeds_m=text_embeds_m, image_feat=image_feat, text_feat=text_feat,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from models.albef import ALBEF, ALBEFConfig
 from models.bert import (
     BertConfig,
     BertForMaskedLM,
@@ -121,8 +122,9 @@ class MLMTeacher:
         if not any(k.startswith("cls.predictions.transform") for k in read_hf_bert_state_dict(folder)):
             raise ValueError(f"vilta.teacher {name_or_path}: no masked-LM head (cls.predictions.*) in its weights; "
                              "use a BertForMaskedLM checkpoint (see scripts/ablate_vilta.py for the demo's)")
-        model = BertForMaskedLM(cfg)
-        load_hf_bert(model, folder)
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the training RNG stays as it was
+            model = BertForMaskedLM(cfg)
+            load_hf_bert(model, folder)
         logger.info("ViLTA teacher: %s (%d layers, frozen)", name_or_path, cfg.num_hidden_layers)
         return cls(model, name_or_path)
 
@@ -211,3 +213,82 @@ class ViLTA:
         pick = torch.multinomial(F.softmax(top.values, dim=1), 1)
         synthesized = input_ids.masked_scatter(chosen, top.indices.gather(1, pick).squeeze(1))
         return synthesized, chosen
+
+
+class ALBEFViLTA(ALBEF):
+    """The pretraining model with ViLTA's additions, through ALBEF's hooks: synthesized captions as extra
+    ITM negatives (`extra_texts`, `itm_rows`, `itm_loss`) and the teacher's soft MLM targets
+    (`mlm_loss` with `cross_weight`). Its state dict is ALBEF's: the ViLTA object (vocabulary classes,
+    frozen teacher) is rebuilt from the config, never saved.
+
+    `forward(..., cross_weight=w)` adds "loss_mlm_cross"; synthesized negatives add "loss_itm_synth"
+    (times `itm_synth_weight`), "itm_synth_acc" and "synth_replaced".
+    """
+
+    def __init__(self, cfg: ALBEFConfig, bert_cfg: BertConfig, vilta: ViLTA):
+        super().__init__(cfg, bert_cfg)
+        self.vilta = vilta
+        self.cross_weight: float | None = None  # this forward's, set by `forward`
+
+    def to(self, *args, **kwargs) -> ALBEFViLTA:
+        super().to(*args, **kwargs)
+        self.vilta.to(self.temp.device)
+        return self
+
+    def forward(self, image, input_ids, attention_mask, alpha: float = 0.0, image_ids=None, return_outputs=False,
+                cross_weight: float | None = None):
+        if cross_weight is not None and not self.vilta.cfg.cross:
+            raise ValueError("cross_weight needs a model with vilta.mlm_soft_target 'cross' or 'both'")
+        self.cross_weight = cross_weight
+        return super().forward(image, input_ids, attention_mask, alpha, image_ids, return_outputs)
+
+    def extra_texts(self, input_ids, attention_mask, out: dict) -> list[torch.Tensor]:
+        """The synthesized captions (with `synth_negatives`); `out["synth_valid"]` [B] marks those that
+        are negatives (a caption with no word to replace is none)."""
+        if not self.vilta.cfg.synth_negatives:
+            return []
+        synth_ids, replaced = self.vilta.synthesize(self.text_encoder, input_ids, attention_mask)
+        out.update(synth_input_ids=synth_ids, synth_replaced=replaced.sum() / attention_mask.sum(),
+                   synth_valid=replaced.any(1).float())
+        return [synth_ids]
+
+    def itm_rows(self, text_embeds, attention_mask, sim_i2t, sim_t2i, same, out: dict, extra_embeds=()):
+        """ALBEF's 3B rows, then B rows (synthesized caption b, image b), scored as negatives by `itm_loss`."""
+        text, mask, images = super().itm_rows(text_embeds, attention_mask, sim_i2t, sim_t2i, same, out)
+        if not extra_embeds:
+            return text, mask, images
+        rows = torch.arange(text_embeds.shape[0], device=text_embeds.device)
+        return torch.cat([text, extra_embeds[0]]), torch.cat([mask, attention_mask]), torch.cat([images, rows])
+
+    def itm_loss(self, cls_states: torch.Tensor, out: dict) -> torch.Tensor:
+        """ALBEF's ITM loss on the first 3B rows; the synthesized rows' go to `out["loss_itm_synth"]` (and
+        their accuracy to `out["itm_synth_acc"]`), counted where `synth_valid`."""
+        if "synth_valid" not in out:
+            return super().itm_loss(cls_states, out)
+        B, valid = cls_states.shape[0] // 4, out["synth_valid"]
+        synth_logits = self.itm_head(cls_states[3 * B:])
+        ce = F.cross_entropy(synth_logits, torch.zeros(B, dtype=torch.long, device=cls_states.device),
+                             reduction="none")
+        out["loss_itm_synth"] = (ce * valid).sum() / valid.sum().clamp(min=1)
+        out["itm_synth_acc"] = ((synth_logits.argmax(1) == 0).float() * valid).sum() / valid.sum().clamp(min=1)
+        return super().itm_loss(cls_states[:3 * B], out)
+
+    def mlm_loss(self, hidden, hidden_m, masked_ids, labels, attention_mask, alpha: float, out: dict, full=False):
+        """Cross-distillation (`cross_weight` w given): the target becomes (1 - w) * base + w * teacher
+        (`mixed_mlm_targets`), base = one-hot ("cross") or ALBEF's mix ("both"); the loss, linear in the
+        target, is returned as (1 - w) * base loss plus `out["loss_mlm_cross"]` = w * teacher KD."""
+        w = self.cross_weight
+        if w is None:
+            return super().mlm_loss(hidden, hidden_m, masked_ids, labels, attention_mask, alpha, out, full)
+        log_probs, ce, kd, valid = self.mlm_terms(hidden, hidden_m, masked_ids, labels, out, full)
+        base = ce if self.vilta.cfg.mlm_soft_target == "cross" else (1 - alpha) * ce + alpha * kd
+        probs_t = self.vilta.teacher_probs(masked_ids, attention_mask, labels != -100)
+        kd_t = -(probs_t * (log_probs[valid] if full else log_probs)).sum(-1)
+        out["loss_mlm_cross"] = w * kd_t.mean() if kd_t.numel() else kd_t.sum()
+        return (1 - w) * (base * valid).sum() / valid.sum().clamp(min=1)
+
+    def extra_losses(self, out: dict) -> dict[str, torch.Tensor]:
+        losses = {k: out[k] for k in ("loss_mlm_cross", "loss_itm_synth", "itm_synth_acc", "synth_replaced") if k in out}
+        if "loss_itm_synth" in losses:
+            losses["loss_itm_synth"] = self.vilta.cfg.itm_synth_weight * losses["loss_itm_synth"]
+        return losses

@@ -43,7 +43,7 @@ from datasets.shards import write_shards  # noqa: E402
 from datasets.text import build_tokenizer  # noqa: E402
 from models.albef import ALBEF, build_bert_config  # noqa: E402
 from models.bert import resolve_pretrained  # noqa: E402
-from models.vilta import ViLTA  # noqa: E402
+from models.vilta import ALBEFViLTA, ViLTA  # noqa: E402
 from Pretrain import PretrainConfig, build_train_loader  # noqa: E402
 
 # --data-only defaults: the demo pictures under the full-size transform (256 px crops, flip, RandAugment)
@@ -158,12 +158,14 @@ def run_one(args) -> dict:
     torch.manual_seed(0)
     queue = max(args.batch, cfg.queue_size // args.batch * args.batch)
     cfg.queue_size = queue
-    model = ALBEF(cfg, build_bert_config(cfg)).to(device).train()
-    forward_kwargs = {"alpha": cfg.alpha}
+    bert_cfg, forward_kwargs = build_bert_config(cfg), {"alpha": cfg.alpha}
     if cfg.vilta.enabled:  # `--opts vilta.synth_negatives=true ...`: ViLTA's extra passes are part of the step
         tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
-        model.vilta = ViLTA.build(cfg.vilta, tokenizer, model.bert_cfg, cfg.text_encoder).to(device)
+        model = ALBEFViLTA(cfg, bert_cfg, ViLTA.build(cfg.vilta, tokenizer, bert_cfg, cfg.text_encoder))
         forward_kwargs |= {"cross_weight": cfg.vilta.cross_weight} if cfg.vilta.cross else {}
+    else:
+        model = ALBEF(cfg, bert_cfg)
+    model = model.to(device).train()
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     batch = synthetic_batch(cfg, args.batch, device)
     if device.type == "cuda":
