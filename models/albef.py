@@ -33,7 +33,6 @@ class ALBEFConfig:
     vit_init: str | None = None  # timm name or local file for the ViT (DeiT-B/16 in the original)
     image_res: int = 256
     vit_patch_size: int = 16
-    vit_stem: str = "patch"  # "conv": a convolutional stem (models/vit.py; the demo's from-scratch ViT), not ALBEF's
     vit_width: int = 768
     vit_depth: int = 12
     vit_heads: int = 12
@@ -156,8 +155,7 @@ class ALBEFBase(nn.Module):
         self.bert_cfg = bert_cfg
         if bert_cfg.encoder_width != cfg.vit_width:
             raise ValueError(f"bert_config.encoder_width {bert_cfg.encoder_width} != vit_width {cfg.vit_width}")
-        self.visual_encoder = build_vit(cfg.image_res, cfg.vit_patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads,
-                                        cfg.vit_stem)
+        self.visual_encoder = build_vit(cfg.image_res, cfg.vit_patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads)
         self.text_encoder = BertForMaskedLM(bert_cfg) if mlm_head else BertModel(bert_cfg)
         self.set_speed_options(cfg.grad_checkpointing, cfg.compile)
 

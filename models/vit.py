@@ -39,37 +39,10 @@ class LinearPatchEmbed(PatchEmbed):
         return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
 
 
-class ConvStemPatchEmbed(PatchEmbed):
-    """A convolutional stem in place of the patch projection (Xiao et al. 2021, "Early convolutions help
-    transformers see better"): log2(patch) 3x3 stride-2 convolutions with GELU, channels doubling up to
-    the ViT width, then a 1x1 projection; the same token grid as the patch embedding. For a ViT trained
-    from scratch on little data (the demo), where a linear patch projection learns shape outlines slowly.
-    Not ALBEF's: official checkpoints need the default `vit_stem: patch`."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        (patch, _), width, chans = self.patch_size, self.proj.out_channels, self.proj.in_channels
-        stages = patch.bit_length() - 1
-        if patch != 2**stages or stages < 1 or self.patch_size[0] != self.patch_size[1]:
-            raise ValueError(f"vit_stem 'conv' needs a square power-of-two patch size, got {self.patch_size}")
-        layers, c_in = [], chans
-        for k in range(stages):
-            c_out = width // 2 ** (stages - k)
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
-            c_in = c_out
-        self.proj = nn.Sequential(*layers, nn.Conv2d(c_in, width, 1))
-
-
-VIT_STEMS = {"patch": LinearPatchEmbed, "conv": ConvStemPatchEmbed}
-
-
-def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: int,
-              stem: str = "patch") -> VisionTransformer:
+def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: int) -> VisionTransformer:
     """A ViT whose `forward_features` gives [B, 1 + (image_res/patch)^2, width] token states."""
     if image_res % patch_size:
         raise ValueError(f"image_res {image_res} is not a multiple of the patch size {patch_size}")
-    if stem not in VIT_STEMS:
-        raise ValueError(f"vit_stem must be one of {sorted(VIT_STEMS)}, got {stem!r}")
     return VisionTransformer(
         img_size=image_res,
         patch_size=patch_size,
@@ -82,7 +55,7 @@ def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: in
         num_classes=0,
         global_pool="",
         attn_layer=ViTAttention,
-        embed_layer=VIT_STEMS[stem],
+        embed_layer=LinearPatchEmbed,
     )
 
 

@@ -396,21 +396,6 @@ def test_vit_initialises_from_a_local_file_at_another_resolution(tmp_path):
     assert dst.pos_embed.shape == (1, 10, 16)
 
 
-def test_conv_stem_gives_the_patch_grid_and_learns_through_every_conv():
-    vit = build_vit(32, 8, 16, 1, 2, stem="conv")
-    convs = [m for m in vit.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
-    assert [c.stride[0] for c in convs] == [2, 2, 2, 1]  # log2(8) stride-2 convs, then the 1x1 projection
-    tokens = vit.forward_features(torch.randn(2, 3, 32, 32))
-    assert tokens.shape == (2, 1 + 16, 16)
-    tokens.sum().backward()
-    assert all(c.weight.grad.abs().sum() > 0 for c in convs)
-    assert set(build_vit(32, 8, 16, 1, 2).state_dict()) != set(vit.state_dict())  # default stays ALBEF's keys
-    with pytest.raises(ValueError, match="power-of-two"):
-        build_vit(36, 12, 16, 1, 2, stem="conv")
-    with pytest.raises(ValueError, match="vit_stem"):
-        build_vit(32, 8, 16, 1, 2, stem="convnext")
-
-
 def test_mlm_head_at_masked_positions_gives_the_full_pass_loss(monkeypatch):
     image, ids, mask = tiny_batch()
     torch.manual_seed(1)
