@@ -59,7 +59,6 @@ class GroundingConfig(utils.EngineConfig, RetrievalModelConfig):
     refer_dataset: str = "refcoco+"
     refer_split_by: str = "unc"
     det_file: DataFiles  # {str(image_id): [[x, y, w, h, ...], ...]} proposals (several files: merged)
-    coco_file: DataFiles | None = None  # read by the original, used by nothing: accepted, ignored
     image_root: str = ""
     batch_size: int = 32  # per GPU, training and evaluation
     max_words: int = 30

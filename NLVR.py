@@ -39,7 +39,6 @@ class NLVRConfig(utils.EngineConfig, ALBEFConfig):
     max_words: int = 30
     distill: bool = True  # momentum distillation, EMA factor `momentum` (default 0.995: the original hard-codes it)
     warm_up: bool = True  # alpha ramps up linearly over the first epoch
-    eval_ema: bool = False  # accepted for the original's files; unused there too
     # ALBEF parity (false): from a checkpoint without momentum weights, the momentum twins keep the
     # constructor's (BERT) weights, since NLVR.py copies before loading; true: copy after loading.
     copy_momentum_after_load: bool = False

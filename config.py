@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import logging
 import os
 import types
 import typing
@@ -17,6 +18,16 @@ from dataclasses import MISSING
 import torch.distributed as tdist
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+
+logger = logging.getLogger(__name__)
+
+# Keys the original's files carry that nothing reads; a config that still has one loads, with a warning.
+REMOVED_KEYS = {
+    "eval_ema": "NLVR's switch, unused by the original too",
+    "coco_file": "Grounding's COCO file, read by the original and used by nothing",
+    "decay_rate": "a no-op of the original's lr scheduler with one cosine cycle",
+    "cooldown_epochs": "a no-op of the original's lr scheduler with one cosine cycle",
+}
 
 
 class ConfigError(ValueError):
@@ -79,7 +90,10 @@ def _build(schema: type, data: Mapping, prefix: str, ctx: tuple[str, set[str]]):
     path, from_opts = ctx
     fields, hints = {f.name: f for f in dataclasses.fields(schema) if f.init}, typing.get_type_hints(schema)
     for key in map(str, data):
-        if key not in fields:
+        if key not in fields and key in REMOVED_KEYS:
+            logger.warning("config key '%s%s' in %s is ignored: %s", prefix, key, _source(ctx, [prefix + key]),
+                           REMOVED_KEYS[key])
+        elif key not in fields:
             where = _source(ctx, [prefix + key])
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"

@@ -23,7 +23,7 @@ class OptimizerConfig:
     """The YAML section `optimizer`. Only AdamW exists (ALBEF uses nothing else)."""
 
     opt: str = "adamW"
-    lr: float
+    lr: float  # AdamW's lr at construction only: `set_lr` gives every step the schedule's (`schedular`)
     weight_decay: float = 0.02
     # ZeroRedundancyOptimizer: each of N ranks keeps the AdamW state of 1/N of the weights (several
     # processes only); checkpoints still hold the whole state, gathered on rank 0 when saving
@@ -45,8 +45,6 @@ class SchedulerConfig:
       `lr` for the rest of epoch 0; from epoch 1 on, one cosine value per epoch.
     - `schedule: smooth`: linear warm-up over `warmup_steps` optimizer steps, then the cosine per step,
       reaching `min_lr` at the last step of `epochs`.
-    `decay_rate` and `cooldown_epochs` are accepted so the original files load; with one cycle they do
-    nothing there either.
     """
 
     sched: str = "cosine"
@@ -58,8 +56,6 @@ class SchedulerConfig:
     warmup_epochs: int = 0  # original: warm-up stairs, in epoch 0 only
     step_size: int = 100  # original: optimizer steps per stair (hard-coded 100 in every original script)
     warmup_steps: int = 0  # smooth: optimizer steps of linear warm-up
-    decay_rate: float = 1.0  # unused
-    cooldown_epochs: int = 0  # unused
 
     def __post_init__(self):
         if self.sched != "cosine" or self.lr <= 0 or min(self.min_lr, self.warmup_lr) < 0:

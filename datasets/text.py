@@ -74,7 +74,7 @@ def build_tokenizer(name_or_path: str | os.PathLike) -> BertTokenizerFast:
     # `tokenize` never returns more tokens than BERT has positions, whatever the settings.
     tokenizer.model_max_length = min(tokenizer.model_max_length, MAX_TOKENS)
     cls, sep = tokenizer.cls_token, tokenizer.sep_token
-    # ALBEF parity: the original tokenizer class never appends [SEP] to a single text (quirk 1);
+    # ALBEF parity: the original tokenizer class never appends [SEP] to a single text;
     # truncation to max_length then keeps max_length tokens including [CLS]. Pairs are unchanged.
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"{cls} $A",

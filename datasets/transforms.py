@@ -15,18 +15,11 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 PRETRAIN_SCALE = (0.2, 1.0)  # Pretrain.py crops
 FINETUNE_SCALE = (0.5, 1.0)  # Retrieval, VQA, NLVR, VE training crops
 
-# The original's RandomAugment picks among these ops; torchvision's also has Color, Contrast,
-# Posterize and Solarize (listed so nobody thinks the two are the same).
-ORIGINAL_RANDAUGMENT_OPS = (
-    "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
-)
-
-
 def rand_augment() -> T.RandAugment:
     """torchvision's RandAugment standing in for the original's own `RandomAugment(2, 7)`.
 
-    Same: 2 ops per image at magnitude 7 of 10 (hence 11 bins: rotate 21 degrees, shear 0.21),
+    The original draws among Identity, AutoContrast, Equalize, Brightness, Sharpness, ShearX/Y,
+    TranslateX/Y and Rotate. Same: 2 ops per image at magnitude 7 of 10 (hence 11 bins: rotate 21 degrees, shear 0.21),
     grey (128) fill, bilinear warps. Different: torchvision applies every drawn op (the original
     each with probability 1/2), adds Color/Contrast/Posterize/Solarize to the op pool, signs the
     Brightness/Sharpness change at random (the original always uses factor 1.36), and translates by

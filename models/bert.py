@@ -27,7 +27,7 @@ from models.attention import attention
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["multimodal", "text", "fusion", "language"]
+Mode = Literal["multimodal", "text", "language"]
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cross-attention (keys, values) [B, N, hidden]
 
 
@@ -205,7 +205,7 @@ def self_attention_mask(attention_mask: torch.Tensor, causal: bool = False) -> t
 
 
 class BertModel(nn.Module):
-    """Embeddings + layers. `mode` picks the layers: "text" 0..F-1, "fusion" F..L-1, "multimodal" all;
+    """Embeddings + layers. `mode` picks the layers: "text" 0..F-1, "multimodal" all (`fuse`: F..L-1);
     "language" runs all layers without their cross-attention: the text-only language model the encoder
     was initialised from (fusion layers start as BERT's upper layers), which ViLTA asks for predictions.
 
@@ -274,8 +274,9 @@ class BertModel(nn.Module):
         """Returns the last hidden state [B, L, hidden]."""
         F_ = self.config.fusion_layer
         layers = self.encoder.layer[:F_] if mode == "text" else self.encoder.layer
-        if mode == "fusion":
-            raise ValueError("use BertModel.fuse for the fusion layers alone")
+        if mode not in ("multimodal", "text", "language"):
+            raise ValueError(f"mode must be 'multimodal', 'text' or 'language', got {mode!r} (BertModel.fuse runs "
+                             "the fusion layers alone)")
         if mode == "multimodal" and F_ < len(self.encoder.layer) and image_embeds is None and image_kv is None:
             raise ValueError("multimodal mode needs image_embeds")
         if mode == "language":
@@ -309,7 +310,7 @@ def select_image_kv(image_kv: list[KV], rows: torch.Tensor) -> list[KV]:
 class TwoImageBertModel(BertModel):
     """NLVR's encoder: one text reads two images. Built from the ALBEF BERT config (L layers, fusion
     from F), it has F text layers and then every fusion layer twice, F + 2(L-F) layers in all: layer
-    F+2i cross-attends to the left image and F+2i+1 to the right one (ALBEF parity, quirk 13).
+    F+2i cross-attends to the left image and F+2i+1 to the right one (ALBEF parity: the original's order).
 
     ALBEF parity: the cross-attention key and value projections of each pair are one module, so the
     state dict shows the same tensor under both layers' names (the official NLVR checkpoints' layout).

@@ -25,7 +25,8 @@ from models.checkpoint import is_pretraining, load_weights
 
 logger = logging.getLogger(__name__)
 
-# ALBEF parity: the TA hard-negative weights use this constant, not the `temp` parameter (quirk 3).
+# ALBEF parity: the TA hard-negative weights use this constant, not the `temp` parameter (the original's
+# Pretrain_nlvr model ignores `temp`).
 TA_TEMPERATURE = 0.07
 
 
@@ -88,7 +89,7 @@ class ALBEFTextAssignment(ALBEFBase):
 
     @staticmethod
     def assign_images(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(left image, right image, label) per text, quirk 14: with probability 2/3 one negative drawn
+        """(left image, right image, label) per text, the original's rule: with probability 2/3 one negative drawn
         from `weights[b]` and a fair coin puts b left (label 0) or right (label 1); otherwise two
         distinct negatives (label 2). The original loops over the batch; this draws for all rows at
         once (same distribution, another random stream)."""

@@ -139,7 +139,8 @@ class ALBEFRetrieval(ALBEFBase):
 
     def itm_score(self, image_embeds, text_embeds, text_mask) -> torch.Tensor:
         """[N] ITM 'match' logit of N (image, text) pairs: fusion of text-mode states [N, L, H] (mask
-        [N, L]) with image tokens [N, P, W], then itm_head on [CLS], class 1 (quirk 10)."""
+        [N, L]) with image tokens [N, P, W], then itm_head on [CLS], class 1 (ALBEF parity: the raw logit
+        ranks, no softmax)."""
         fused = self.bert.fuse(text_embeds, text_mask, image_embeds)
         return self.itm_head(fused[:, 0])[:, 1]
 
@@ -315,8 +316,9 @@ def rerank_itm(model: ALBEFRetrieval, sims: torch.Tensor, image_embeds: torch.Te
                add_sims: bool = False):
     """The original's evaluation scores, batched and sharded: (score_i2t [I, T], score_t2i [T, I]) hold
     the ITM match logit (plus `sims` with `add_sims`) at each image's k best texts and each text's k
-    best images by `sims`, -100 elsewhere (quirk 10). Eval mode. Rank 0's candidates are used on every
-    rank; each rank scores 1/world_size of the distinct pairs, all get the full float32 matrices.
+    best images by `sims`, -100 elsewhere (ALBEF parity: the raw ITM logit of class 1). Eval mode.
+    Rank 0's candidates are used on every rank; each rank scores 1/world_size of the distinct pairs,
+    all get the full float32 matrices.
     """
     I, T = sims.shape
     top_i2t, top_t2i = topk_candidates(sims, k)

@@ -100,7 +100,8 @@ class VQAModel(ALBEFBase):
     def forward(self, image, question_ids, question_mask, answer_ids, answer_mask, weights, n,
                 alpha: float = 0.0, return_outputs: bool = False) -> dict[str, torch.Tensor]:
         """Weighted answer-generation loss {"loss"}: sum over answers of weight x summed token loss,
-        divided by the number of QUESTIONS (quirk 12).
+        divided by the number of QUESTIONS (ALBEF parity: token losses are summed over each answer, [SEP]
+        included, not averaged).
 
         Answers are flat: `answer_ids` [R, La] lists question 0's `n[0]` answers first, and so on;
         `weights` [R]; `n` [B] int. With `return_outputs`, every intermediate tensor too.
@@ -138,7 +139,7 @@ class VQAModel(ALBEFBase):
 
         Stage 1 scores every answer by the probability of its first token after [CLS] (one decoder step
         for all answers); stage 2 scores the k best with a full decoder pass, all questions at once.
-        ALBEF parity (quirk 11): the final log-score adds log p(first token) to the summed token loss,
+        ALBEF parity: the final log-score adds log p(first token) to the summed token loss,
         which already contains it, so the first token counts twice; probabilities are a softmax over
         the k candidates. Answers that share a first token tie in stage 1; the tie is broken by list
         order (a stable sort, the same on every device), where `torch.topk` leaves it unspecified.

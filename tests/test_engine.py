@@ -147,6 +147,21 @@ def test_config_unknown_key_names_closest_and_file(tmp_path):
     assert "'optimizer.lr'" in str(e.value) and "--opts" in str(e.value) and str(path) in str(e.value)
 
 
+def test_a_removed_key_loads_with_one_warning_naming_it(tmp_path, caplog):
+    """YAML_TEXT is an original-style file: its schedular carries decay_rate and cooldown_epochs, which
+    nothing reads; they are dropped with a warning each, and any other unknown key still fails."""
+    path = tmp_path / "old.yaml"
+    path.write_text(YAML_TEXT + "eval_ema: false\n")
+    with caplog.at_level(logging.WARNING, logger="config"):
+        cfg, _ = utils.load_config(str(path), [], ToyTaskConfig)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3 and all(str(path) in w and "is ignored" in w for w in warned)
+    assert ["schedular.decay_rate" in w for w in warned].count(True) == 1
+    assert ["schedular.cooldown_epochs" in w for w in warned].count(True) == 1
+    assert ["'eval_ema'" in w for w in warned].count(True) == 1
+    assert cfg.schedular.warmup_steps == 2000 and not hasattr(cfg.schedular, "decay_rate")
+
+
 def test_save_config_keeps_comments_and_overrides(tmp_path):
     path = tmp_path / "task.yaml"
     path.write_text(YAML_TEXT)
