@@ -164,11 +164,15 @@ def test_grounding_script_trains_evaluates_and_reloads(demo, tmp_path):
     base = ["--config", DEMO_CONFIG, "--device", "cpu"]
     log = Grounding.main([*base, "--output_dir", str(out), "--max_steps", "2", "--checkpoint",
                           str(pretrain_checkpoint(tmp_path)), "--opts", *opts])
-    assert set(log) == {"val_d", "testA_d", "testB_d", "epoch"} and 0 <= log["val_d"] <= 1  # no stats: stopped early
+    assert set(log) == {"val_d", "testA_d", "testB_d", "epoch"}  # no train stats: stopped early
     assert torch.load(out / "checkpoint_last.pth", weights_only=True)["step"] == 2
     n_eval = sum(len(json.loads((demo / "grounding" / f"refcoco+_{s}.json").read_text())) for s in ("val", "test"))
     preds = json.loads((out / "grounding_0.json").read_text())
     assert len(preds) == n_eval and {"ref_id", "split", "pred_box", "gt_box", "iou"} == set(preds[0])
+    for split in ("val", "testA", "testB"):  # each split's score is its share of IoU >= 0.5 among the written boxes
+        ious = [p["iou"] for p in preds if p["split"] == split]
+        assert ious and log[f"{split}_d"] == sum(iou >= 0.5 for iou in ious) / len(ious), split
+    assert all(p["iou"] == pytest.approx(compute_iou(p["pred_box"], p["gt_box"])) for p in preds)
     state = torch.load(out / "checkpoint_best.pth", weights_only=True)
     assert state["val_d"] == log["val_d"]
 

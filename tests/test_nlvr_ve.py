@@ -21,7 +21,7 @@ from datasets.base import AnnotationError
 from datasets.nlvr import NLVRDataset, collate_nlvr
 from datasets.text import build_tokenizer
 from datasets.transforms import test_transform
-from datasets.ve import VEDataset
+from datasets.ve import VEDataset, collate_ve
 from models.albef import ALBEF, ALBEFConfig, build_bert_config
 from models.bert import resolve_pretrained
 from scripts import prepare_demo_data
@@ -71,6 +71,28 @@ def log_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
+@torch.no_grad()
+def direct_accuracy(model, dataset, collate, batch_size: int) -> float:
+    """The accuracy on `dataset`, counted here in the evaluation's batches: what the logged one must equal."""
+    model.eval()
+    hits = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        logits = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"])
+        hits += int((logits.argmax(1) == batch["targets"]).sum())
+    return hits / len(dataset)
+
+
+def nlvr_split(model, demo: Path, split: str):
+    tokenizer = build_tokenizer(resolve_pretrained(model.cfg.tokenizer_source))
+    return NLVRDataset([demo / f"nlvr_{split}.json"], test_transform(model.cfg.image_res), demo), collate_nlvr(tokenizer)
+
+
+def ve_split(model, demo: Path, split: str):
+    tokenizer = build_tokenizer(resolve_pretrained(model.cfg.tokenizer_source))
+    return VEDataset(demo / f"ve_{split}.json", test_transform(model.cfg.image_res), demo), collate_ve(tokenizer)
+
+
 def test_ta_then_nlvr_then_evaluate(demo, pretrain_ckpt, tmp_path):
     ta = tmp_path / "ta"
     ta_opts = opts(train_file=f"[{demo / 'pretrain.json'}]", image_root=demo, batch_size=4)
@@ -80,10 +102,12 @@ def test_ta_then_nlvr_then_evaluate(demo, pretrain_ckpt, tmp_path):
     assert state["step"] == 2 and "ta_head.weight" in state["model"]
 
     out = tmp_path / "nlvr"
-    NLVR.main(["--config", str(CONFIGS / "NLVR_demo.yaml"), "--checkpoint", str(ta / "checkpoint_last.pth"),
-               "--output_dir", str(out), "--device", "cpu", "--max_steps", "2", *nlvr_opts(demo)])
+    model = NLVR.main(["--config", str(CONFIGS / "NLVR_demo.yaml"), "--checkpoint", str(ta / "checkpoint_last.pth"),
+                       "--output_dir", str(out), "--device", "cpu", "--max_steps", "2", *nlvr_opts(demo)])
     (trained,) = log_lines(out)
-    assert 0 <= trained["val_acc"] <= 1 and 0 <= trained["test_acc"] <= 1 and trained["epoch"] == 0
+    assert trained["epoch"] == 0
+    for split, key in (("dev", "val_acc"), ("test", "test_acc")):  # batch_size 4, as nlvr_opts
+        assert trained[key] == direct_accuracy(model, *nlvr_split(model, demo, split), batch_size=4), key
     best = torch.load(out / "checkpoint_best.pth", weights_only=True)
     assert best["val_acc"] == trained["val_acc"] and "optimizer" not in best
 
@@ -98,9 +122,9 @@ def test_ta_then_nlvr_then_evaluate(demo, pretrain_ckpt, tmp_path):
 
     # --evaluate straight from a pretraining checkpoint (fusion layers duplicated, new head random)
     ev2 = tmp_path / "nlvr_eval_pretrain"
-    NLVR.main(["--config", str(CONFIGS / "NLVR_demo.yaml"), "--checkpoint", pretrain_ckpt,
-               "--output_dir", str(ev2), "--device", "cpu", "--evaluate", *nlvr_opts(demo)])
-    assert 0 <= log_lines(ev2)[0]["test_acc"] <= 1
+    model = NLVR.main(["--config", str(CONFIGS / "NLVR_demo.yaml"), "--checkpoint", pretrain_ckpt,
+                       "--output_dir", str(ev2), "--device", "cpu", "--evaluate", *nlvr_opts(demo)])
+    assert log_lines(ev2)[0]["test_acc"] == direct_accuracy(model, *nlvr_split(model, demo, "test"), batch_size=4)
 
 
 def test_ve_train_evaluate_and_resume(demo, pretrain_ckpt, tmp_path):
@@ -115,7 +139,8 @@ def test_ve_train_evaluate_and_resume(demo, pretrain_ckpt, tmp_path):
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     (trained,) = log_lines(tmp_path / "a")
-    assert 0 <= trained["val_acc"] <= 1 and 0 <= trained["test_acc"] <= 1
+    for split, key in (("dev", "val_acc"), ("test", "test_acc")):  # batch_size_test 8, as ve_opts
+        assert trained[key] == direct_accuracy(straight, *ve_split(straight, demo, split), batch_size=8), key
 
     # --evaluate from a pretraining checkpoint (new head) and from the fine-tuned one
     for ckpt, name in ((pretrain_ckpt, "ev_pretrain"), (str(tmp_path / "a" / "checkpoint_best.pth"), "ev_best")):
@@ -154,7 +179,8 @@ def test_evaluation_shards_cover_each_sample_once(demo):
     accs = [utils.evaluate_accuracy(Recorder(), dataset, collate_nlvr(tokenizer), batch_size=cfg.batch_size,
                                     dist=utils.DistInfo(rank=r, world_size=2), amp=cfg.amp, num_workers=0)
             for r in (0, 1)]
-    assert sum(seen) == len(dataset) and all(0 <= a["acc"] <= 1 for a in accs)
+    zeros = [dataset.label(i) == 0 for i in range(len(dataset))]  # the recorder always answers class 0
+    assert sum(seen) == len(dataset) and [a["acc"] for a in accs] == [sum(zeros[r::2]) / len(zeros[r::2]) for r in (0, 1)]
 
 
 def test_datasets_read_the_original_formats(demo, tmp_path):

@@ -269,4 +269,8 @@ def test_text_assignment_from_scratch_initialises():
     """Without a checkpoint, Pretrain_nlvr.py initialises the encoders; a model without twins copies nothing."""
     cfg = load_case("pretrain_nlvr")[0]
     model = build(ALBEFTextAssignment, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     model.init_pretrained_encoders()  # text_encoder/vit_init None here: only the (empty) momentum copy
+    assert model.momentum_names == () and not any(k.split(".")[0].endswith("_m") for k in before)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
