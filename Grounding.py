@@ -163,22 +163,15 @@ def main(argv=None) -> dict:
     else:
         transform = train_transform(cfg.image_res, None, cfg.hflip, cfg.randaugment)  # resize, no crop
         train_set = GroundingDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, train=True)
-        loader = loaders.build_loader(train_set, cfg.batch_size, shuffle=True, drop_last=True,
-                                    collate_fn=collate_retrieval(tokenizer), num_workers=cfg.num_workers,
-                                    dist=dist, seed=cfg.seed)
-        steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-        logger.info("%d expressions of %d images, %d steps per epoch, %d ranks x batch %d", len(train_set),
-                    len(train_set.img_ids), steps_per_epoch, dist.world_size, cfg.batch_size)
-
-        alpha = utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up)
+        loader, steps = utils.train_loader(train_set, cfg.batch_size, collate_retrieval(tokenizer), cfg, dist,
+                                           "expressions")
+        alpha = utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up)
 
         stats = utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
                           output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
                           forward_kwargs=alpha, evaluate=run_eval, select="val_d", tb=tb,
                           ddp_kwargs={"broadcast_buffers": False})  # queues are equal on every rank by design
-    if tb is not None:
-        tb.close()
-    utils.cleanup_distributed()
+    utils.finish(tb)
     return stats
 
 

@@ -18,7 +18,6 @@ import logging
 from dataclasses import dataclass, field
 
 import utils
-from datasets import loaders
 from datasets.base import DataFiles
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.text import build_tokenizer
@@ -64,12 +63,7 @@ def main(argv=None) -> ALBEFTextAssignment:
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
     dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
-    loader = loaders.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True,
-                                collate_fn=collate_pretrain(tokenizer), num_workers=cfg.num_workers,
-                                dist=dist, seed=cfg.seed)
-    steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
-                dist.world_size, cfg.batch_size)
+    loader, _ = utils.train_loader(dataset, cfg.batch_size, collate_pretrain(tokenizer), cfg, dist, "pairs")
 
     model = ALBEFTextAssignment(cfg, build_bert_config(cfg))
     if args.checkpoint:
@@ -82,9 +76,7 @@ def main(argv=None) -> ALBEFTextAssignment:
     # ALBEF parity: text_proj and temp are never used (and vision_proj gets no gradient), as in the original
     utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
               max_steps=args.max_steps, keep_every_epoch=True, ddp_kwargs={"find_unused_parameters": True}, tb=tb)
-    if tb is not None:
-        tb.close()
-    utils.cleanup_distributed()
+    utils.finish(tb)
     return model
 
 

@@ -35,7 +35,6 @@ from typing import Literal
 import torch
 
 import utils
-from datasets import loaders
 from datasets.base import DataFiles
 from datasets.retrieval import (
     RetrievalEvalDataset,
@@ -113,17 +112,12 @@ def main(argv=None) -> dict:
     if args.evaluate:
         results = evaluate(0)
         utils.append_log(args.output_dir, results | {"epoch": 0})
-        finish(tb)
+        utils.finish(tb)
         return results
 
     train_set = RetrievalTrainDataset(cfg.train_file, train_transform(
         cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment), cfg.image_root, cfg.max_words)
-    loader = loaders.build_loader(train_set, cfg.batch_size_train, shuffle=True, drop_last=True,
-                                  collate_fn=collate_retrieval(tokenizer), num_workers=cfg.num_workers,
-                                  dist=dist, seed=cfg.seed)
-    steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d pairs of %d images, %d steps per epoch, %d ranks x batch %d", len(train_set),
-                len(train_set.img_ids), steps_per_epoch, dist.world_size, cfg.batch_size_train)
+    loader, steps = utils.train_loader(train_set, cfg.batch_size_train, collate_retrieval(tokenizer), cfg, dist, "pairs")
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     last: dict = {}
 
@@ -133,12 +127,12 @@ def main(argv=None) -> dict:
         return dict(last)
 
     utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
-              max_steps=args.max_steps, forward_kwargs=utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up),
+              max_steps=args.max_steps, forward_kwargs=utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up),
               evaluate=evaluate_epoch, select="val_r_mean", ddp_kwargs={"broadcast_buffers": False},  # queues are
               tb=tb)  # equal on every rank by design
     if last:
         log_best(args.output_dir)
-    finish(tb)
+    utils.finish(tb)
     return last
 
 
@@ -182,12 +176,6 @@ def score(model: ALBEFRetrieval, dataset: RetrievalEvalDataset, tokenizer, cfg: 
         scores = retrieval_scores(model, feats, cfg.k_test, cfg.rank, cfg.itm_batch_size, dist.rank, dist.world_size)
     logger.info("scored %d images x %d texts in %.1f s", len(dataset), len(dataset.texts), time.perf_counter() - start)
     return scores
-
-
-def finish(tb) -> None:
-    if tb is not None:
-        tb.close()
-    utils.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -77,25 +77,15 @@ def main(argv=None) -> ALBEFVE:
 
     if args.evaluate:
         utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
-        utils.cleanup_distributed()
-        return model
-
-    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
-    dataset = VEDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words)
-    loader = loaders.build_loader(dataset, cfg.batch_size_train, shuffle=True, drop_last=True, collate_fn=collate,
-                                num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
-    steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
-                dist.world_size, cfg.batch_size_train)
-
-    optimizer = utils.build_optimizer(model, cfg.optimizer)
-
-    utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
-              max_steps=args.max_steps, forward_kwargs=utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up),
-              select="val_acc", tb=tb, evaluate=evaluate)
-    if tb is not None:
-        tb.close()
-    utils.cleanup_distributed()
+    else:
+        transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+        dataset = VEDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words)
+        loader, steps = utils.train_loader(dataset, cfg.batch_size_train, collate, cfg, dist, "pairs")
+        utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
+                  output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
+                  forward_kwargs=utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up), select="val_acc", tb=tb,
+                  evaluate=evaluate)
+    utils.finish(tb)
     return model
 
 

@@ -109,15 +109,10 @@ def train(args, cfg: VQAConfig, model: VQAModel, tokenizer, dist) -> int:
         raise utils.ConfigError(f"{args.config}: train_file is empty (use --evaluate to rank only)")
     transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
     dataset = VQADataset(cfg.train_file, transform, cfg.vqa_root, cfg.vg_root, cfg.eos)
-    loader = loaders.build_loader(dataset, cfg.batch_size_train, shuffle=True, drop_last=True,
-                                collate_fn=collate_vqa_train(tokenizer), num_workers=cfg.num_workers,
-                                dist=dist, seed=cfg.seed)
-    steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d questions, %d steps per epoch, %d ranks x batch %d", len(dataset), steps_per_epoch,
-                dist.world_size, cfg.batch_size_train)
+    loader, steps = utils.train_loader(dataset, cfg.batch_size_train, collate_vqa_train(tokenizer), cfg, dist,
+                                       "questions")
     optimizer = utils.build_optimizer(model, cfg.optimizer)
-
-    alpha = utils.alpha_schedule(cfg.alpha, steps_per_epoch, cfg.warm_up)  # ALBEF parity: ramped over epoch 0
+    alpha = utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up)  # ALBEF parity: ramped over epoch 0
     tb = utils.build_tb_writer(args.output_dir)
     log = utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
                     max_steps=args.max_steps, forward_kwargs=alpha, keep_every_epoch=True, tb=tb)

@@ -37,7 +37,7 @@ from torch.utils.data import (
 
 from config import ConfigError, config_to_dict, load_config, save_config  # noqa: F401 - the scripts' names
 from datasets.base import AnnotationError, ImageLoadError
-from datasets.loaders import SKIPPED, DistInfo, loader_position  # DistInfo: re-exported for the scripts
+from datasets.loaders import SKIPPED, DistInfo, build_loader, loader_position  # DistInfo: re-exported for the scripts
 from datasets.shards import ShardError
 import checkpoints
 from checkpoints import Preempted, TrainingDiverged
@@ -180,6 +180,13 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def finish(tb=None) -> None:
+    """A script's last step: close its TensorBoard writer, leave the process group."""
+    if tb is not None:
+        tb.close()
+    cleanup_distributed()
+
+
 def cleanup_distributed() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
@@ -254,6 +261,17 @@ def append_log(output_dir: str, stats: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- training
+
+
+def train_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, cfg: EngineConfig, dist: DistInfo,
+                 what: str = "samples") -> tuple[DataLoader, int]:
+    """(this rank's training loader, optimizer steps per epoch): shuffled, the last partial batch dropped,
+    resumable mid-epoch (`datasets.loaders.build_loader`), with the config's workers and seed. Logs the size."""
+    loader = build_loader(dataset, batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
+                          num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
+    steps = steps_per_epoch(loader, cfg.accum_steps)
+    logger.info("%d %s, %d steps per epoch, %d ranks x batch %d", len(dataset), what, steps, dist.world_size, batch_size)
+    return loader, steps
 
 
 def steps_per_epoch(loader: DataLoader, accum_steps: int) -> int:

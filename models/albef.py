@@ -115,28 +115,6 @@ def negative_weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, (~eye).float(), w)
 
 
-def classifier_head(width: int, num_classes: int) -> nn.Sequential:
-    """NLVR's and VE's head, Linear(W, W) -> ReLU -> Linear(W, classes): keys `0.*` and `2.*` as the original's
-    `cls_head`."""
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
-
-
-def distilled_classification(model, image, input_ids, attention_mask, targets, alpha: float,
-                             return_outputs: bool = False) -> dict:
-    """NLVR's and VE's training loss: cross-entropy of `model.classify`, mixed with the momentum
-    model's soft labels when `model.distill`. ALBEF parity: the momentum update runs before the momentum
-    pass, even in eval mode. Its factor is the config's `momentum`: the original's NLVR, VE and VQA models
-    hard-code 0.995, which is its default and the value of every full-size config."""
-    out: dict[str, torch.Tensor] = {}
-    prediction = model.classify(image, input_ids, attention_mask, out=out)
-    loss = F.cross_entropy(prediction, targets)
-    if model.distill:
-        with torch.no_grad():
-            model.momentum_update(model.cfg.momentum)
-            prediction_m = model.classify(image, input_ids, attention_mask, momentum=True, out=out)
-        loss = (1 - alpha) * loss + alpha * soft_cross_entropy(prediction, F.softmax(prediction_m, dim=1))
-    return {"loss": loss} | (out if return_outputs else {})
-
 # ----------------------------------------------------------------------------------------- base class
 
 
@@ -332,6 +310,71 @@ def queue_similarities(feat: torch.Tensor, feat_m: torch.Tensor, queue: torch.Te
     """[B, B + Q] = feat @ concat(feat_m.T, queue) / temp (ALBEF's layout: this batch's momentum features,
     then the queue), without copying the queue into a concatenation."""
     return torch.cat([feat @ feat_m.T, feat @ queue], dim=1) / temp
+
+
+# ------------------------------------------------------------------------- classification (NLVR, VE)
+
+
+def classifier_head(width: int, num_classes: int) -> nn.Sequential:
+    """NLVR's and VE's head, Linear(W, W) -> ReLU -> Linear(W, classes): keys `0.*` and `2.*` as the original's
+    `cls_head`."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+
+class ALBEFClassifier(ALBEFBase):
+    """NLVR's and VE's model: `cls_head` on the text encoder's [CLS] over the image(s).
+    `forward(image, input_ids, attention_mask, targets, alpha)` -> {"loss"}; `predict` -> logits [B, classes].
+
+    With `distill` the loss mixes cross-entropy with the momentum model's soft predictions, (1-alpha) CE +
+    alpha KD, the momentum twins updated inside the training forward. ALBEF parity: the update runs before
+    the momentum pass, even in eval mode; its factor is the config's `momentum` (the original's NLVR and VE
+    hard-code 0.995, its default). A subclass says how text and images meet (`encode`).
+    """
+
+    momentum_names = ("visual_encoder", "text_encoder", "cls_head")
+    text_encoder_class: type[nn.Module] | None = None  # in place of the base's one-image BERT
+
+    def __init__(self, cfg: ALBEFConfig, bert_cfg: BertConfig, num_classes: int, distill: bool = True):
+        super().__init__(cfg, bert_cfg, mlm_head=False)
+        if self.text_encoder_class is not None:
+            self.text_encoder = self.text_encoder_class(bert_cfg)
+        self.cls_head = classifier_head(bert_cfg.hidden_size, num_classes)
+        self.distill = distill
+        if distill:
+            self.build_momentum()
+        else:
+            self.momentum_names = ()  # no twins: the original builds none without distillation
+
+    def encode(self, vit: nn.Module, bert: nn.Module, image, input_ids, attention_mask):
+        """(image states, text hidden states [B, L, H]): each text reads its own image."""
+        image_embeds = vit.forward_features(image)
+        return image_embeds, bert(input_ids, attention_mask, image_embeds)
+
+    def classify(self, image, input_ids, attention_mask, momentum: bool = False, out=None) -> torch.Tensor:
+        """Logits [B, classes] of the online (or momentum) model; `out` collects the hidden states."""
+        sfx = "_m" if momentum else ""
+        vit, bert, head = (getattr(self, n + sfx) for n in ("visual_encoder", "text_encoder", "cls_head"))
+        image_embeds, hidden = self.encode(vit, bert, image, input_ids, attention_mask)
+        prediction = head(hidden[:, 0])
+        if out is not None:
+            out.update({f"image_embeds{sfx}": image_embeds, f"text_hidden{sfx}": hidden,
+                        f"prediction{sfx}": prediction})
+        return prediction
+
+    @torch.no_grad()
+    def predict(self, image, input_ids, attention_mask) -> torch.Tensor:
+        return self.classify(image, input_ids, attention_mask)
+
+    def forward(self, image, input_ids, attention_mask, targets, alpha: float = 0.0, return_outputs: bool = False):
+        out: dict[str, torch.Tensor] = {}
+        prediction = self.classify(image, input_ids, attention_mask, out=out)
+        loss = F.cross_entropy(prediction, targets)
+        if self.distill:
+            with torch.no_grad():
+                self.momentum_update(self.cfg.momentum)
+                prediction_m = self.classify(image, input_ids, attention_mask, momentum=True, out=out)
+            loss = (1 - alpha) * loss + alpha * soft_cross_entropy(prediction, F.softmax(prediction_m, dim=1))
+        return {"loss": loss} | (out if return_outputs else {})
 
 
 # ---------------------------------------------------------------------------------- pretraining model

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.albef import ALBEFBase, ALBEFConfig, classifier_head, distilled_classification
+from models.albef import ALBEFBase, ALBEFClassifier, ALBEFConfig
 from models.bert import BertConfig, TwoImageBertModel
 from models.checkpoint import is_pretraining, load_weights
 
@@ -30,45 +30,20 @@ logger = logging.getLogger(__name__)
 TA_TEMPERATURE = 0.07
 
 
-class ALBEFNLVR(ALBEFBase):
-    """`forward(image, input_ids, attention_mask, targets, alpha)` -> {"loss"}; `predict` -> logits [B, 2].
+class ALBEFNLVR(ALBEFClassifier):
+    """`forward(image, input_ids, attention_mask, targets, alpha)` -> {"loss"}; `predict` -> logits [B, 2] for
+    image [2B, 3, H, W] = [left; right]: each text reads both its images (`TwoImageBertModel`)."""
 
-    With `distill` the loss mixes cross-entropy with the momentum model's soft predictions:
-    (1-alpha) CE + alpha KD, the momentum twins updated inside the training forward.
-    """
-
-    momentum_names = ("visual_encoder", "text_encoder", "cls_head")
+    text_encoder_class = TwoImageBertModel
 
     def __init__(self, cfg: ALBEFConfig, bert_cfg: BertConfig, distill: bool = True):
-        super().__init__(cfg, bert_cfg, mlm_head=False)
-        self.text_encoder = TwoImageBertModel(bert_cfg)  # in place of the base's one-image encoder
-        self.cls_head = classifier_head(bert_cfg.hidden_size, 2)
-        self.distill = distill
-        if distill:
-            self.build_momentum()
-        else:
-            self.momentum_names = ()  # no twins: the original builds none without distillation
+        super().__init__(cfg, bert_cfg, 2, distill)
 
-    def classify(self, image: torch.Tensor, input_ids, attention_mask, momentum: bool = False, out=None):
-        """Logits [B, 2] for image [2B, 3, H, W] = [left; right]; `out` collects the hidden states."""
-        sfx = "_m" if momentum else ""
-        vit, bert, head = (getattr(self, n + sfx) for n in ("visual_encoder", "text_encoder", "cls_head"))
+    def encode(self, vit, bert, image, input_ids, attention_mask):
         if image.shape[0] != 2 * input_ids.shape[0]:
             raise ValueError(f"NLVR needs 2 images per text: got {image.shape[0]} images, {input_ids.shape[0]} texts")
         image_embeds = vit.forward_features(image)
-        hidden = bert(input_ids, attention_mask, image_embeds.split(input_ids.shape[0]))
-        prediction = head(hidden[:, 0])
-        if out is not None:
-            out.update({f"image_embeds{sfx}": image_embeds, f"text_hidden{sfx}": hidden,
-                        f"prediction{sfx}": prediction})
-        return prediction
-
-    @torch.no_grad()
-    def predict(self, image, input_ids, attention_mask) -> torch.Tensor:
-        return self.classify(image, input_ids, attention_mask)
-
-    def forward(self, image, input_ids, attention_mask, targets, alpha: float = 0.0, return_outputs: bool = False):
-        return distilled_classification(self, image, input_ids, attention_mask, targets, alpha, return_outputs)
+        return image_embeds, bert(input_ids, attention_mask, image_embeds.split(input_ids.shape[0]))
 
 
 class ALBEFTextAssignment(ALBEFBase):
