@@ -92,22 +92,14 @@ def test_truncated_or_garbled_image_is_an_error_not_a_grey_image(tmp_path, suffi
             open_image(tmp_path / "garbled.png")
 
 
-def test_missing_image_error_names_file_and_entry(pretrain_files):
+@pytest.mark.parametrize("index, image, entry", [(3, "missing.png", 0), (4, "bad.jpg", 1)])
+def test_a_missing_or_corrupt_image_error_names_file_and_entry(pretrain_files, index, image, entry):
     root, files = pretrain_files
     ds = PretrainDataset(files, transforms.test_transform(8), image_root=str(root))
     with pytest.raises(ImageLoadError) as err:
-        ds[3]
+        ds[index]
     msg = str(err.value)
-    assert str(root / "missing.png") in msg and f"{files[1]} entry 0" in msg
-
-
-def test_corrupt_jpeg_error_names_file_and_entry(pretrain_files):
-    root, files = pretrain_files
-    ds = PretrainDataset(files, transforms.test_transform(8), image_root=str(root))
-    with pytest.raises(ImageLoadError) as err:
-        ds[4]
-    msg = str(err.value)
-    assert str(root / "bad.jpg") in msg and f"{files[1]} entry 1" in msg
+    assert str(root / image) in msg and f"{files[1]} entry {entry}" in msg
 
 
 def test_skip_bad_images_counts_and_is_deterministic(pretrain_files):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 import Grounding
@@ -19,10 +18,10 @@ import utils
 from datasets.base import AnnotationError
 from datasets.grounding import (compute_iou, grounding_accuracy, grounding_predictions, load_dets, load_refer,
                                 pick_box, score_boxes)
-from models.albef import ALBEF, ALBEFConfig, CheckpointError, load_state_dict_strict
-from models.bert import BertConfig
+from models.albef import CheckpointError, load_state_dict_strict
 from models.gradcam import check_block_num, default_block_num
 from scripts import prepare_demo_data
+from tests.test_retrieval import pretrain_checkpoint  # the same sizes and ViT grid (patch 8)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / "configs" / "Grounding_demo.yaml")
@@ -145,17 +144,6 @@ def small_opts(demo: Path, tmp: Path) -> list[str]:
             "vit_heads": 2, "embed_dim": 16, "queue_size": 8, "batch_size": 4, "num_workers": 0, "print_freq": 1,
             "block_num": 2, "schedular.warmup_steps": 1}
     return [f"{k}={v}" for k, v in opts.items()]
-
-
-def pretrain_checkpoint(tmp: Path) -> Path:
-    """A random pretraining-layout checkpoint of the small sizes (converted on load, as the original)."""
-    torch.manual_seed(0)
-    patch = yaml.safe_load(Path(DEMO_CONFIG).read_text())["vit_patch_size"]  # the demo config's ViT grid
-    cfg = ALBEFConfig(image_res=64, vit_patch_size=patch, vit_width=32, vision_width=32, vit_depth=1, vit_heads=2,
-                      embed_dim=16, queue_size=8, text_encoder=None)
-    path = tmp / "pretrain.pth"
-    torch.save({"model": ALBEF(cfg, BertConfig.from_json(str(tmp / "bert.json"))).state_dict()}, path)
-    return path
 
 
 def test_grounding_script_trains_evaluates_and_reloads(demo, tmp_path):

@@ -24,12 +24,31 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 3, "fusion_layer": 2, "num_
              "intermediate_size": 64, "max_position_embeddings": 64, "encoder_width": 32, "vocab_size": 30522}
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
+def demo_folder(tmp_path_factory, bert: dict) -> Path:
+    """80 images of the demo data, with `bert` (a tiny BERT config) as bert_tiny.json beside them."""
     out = tmp_path_factory.mktemp("demo")
     prepare_demo_data.main(["--out", str(out), "--limit", "80"])
-    (out / "bert_tiny.json").write_text(json.dumps(TINY_BERT))
+    (out / "bert_tiny.json").write_text(json.dumps(bert))
     return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return demo_folder(tmp_path_factory, TINY_BERT)
+
+
+def straight_and_resumed(base: list[str], tmp_path: Path, stop: int, total: int) -> tuple[dict, dict]:
+    """checkpoint_last.pth of a Pretrain.py run of `total` steps, and of one stopped after `stop` steps and
+    resumed to `total` (deterministic algorithms, so the two may be compared closely)."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        Pretrain.main(["--output_dir", str(tmp_path / "straight"), "--max_steps", str(total), *base])
+        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", str(stop), *base])
+        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", str(total),
+                       "--resume", str(tmp_path / "split" / "checkpoint_last.pth"), *base])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return tuple(torch.load(tmp_path / d / "checkpoint_last.pth", weights_only=True) for d in ("straight", "split"))
 
 
 def small_opts(demo: Path, **extra) -> list[str]:
@@ -89,18 +108,7 @@ def test_torchrun_two_processes(demo, tmp_path):
 
 
 def test_resume_mid_epoch_gives_the_same_weights_and_queue(demo, tmp_path):
-    torch.use_deterministic_algorithms(True)
-    try:
-        opts = small_opts(demo)
-        base = ["--config", CONFIG, "--device", "cpu", "--opts", *opts]
-        Pretrain.main(["--output_dir", str(tmp_path / "straight"), "--max_steps", "10", *base])
-        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", "5", *base])
-        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", "10",
-                       "--resume", str(tmp_path / "split" / "checkpoint_last.pth"), *base])
-    finally:
-        torch.use_deterministic_algorithms(False)
-    a = torch.load(tmp_path / "straight" / "checkpoint_last.pth", weights_only=True)
-    b = torch.load(tmp_path / "split" / "checkpoint_last.pth", weights_only=True)
+    a, b = straight_and_resumed(["--config", CONFIG, "--device", "cpu", "--opts", *small_opts(demo)], tmp_path, 5, 10)
     assert a["step"] == b["step"] == 10
     for k, v in a["model"].items():
         if v.is_floating_point():

@@ -25,7 +25,7 @@ import utils
 import VE
 import VQA
 from datasets.base import AnnotationError, ImageLoadError
-from scripts import prepare_demo_data
+from tests.test_pretrain import demo_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"Pretrain": Pretrain, "Retrieval": Retrieval, "VQA": VQA, "NLVR": NLVR, "VE": VE, "Grounding": Grounding,
@@ -77,10 +77,7 @@ def demo_values(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    prepare_demo_data.main(["--out", str(out), "--limit", "80"])
-    (out / "bert_tiny.json").write_text(json.dumps(TINY_BERT))
-    return out
+    return demo_folder(tmp_path_factory, TINY_BERT)
 
 
 def local(path: str, demo: Path, small: Path) -> str:

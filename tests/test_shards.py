@@ -245,7 +245,7 @@ def test_resume_position_is_placed_by_samples():
 def test_shard_path_trains_and_resumes_exactly(tmp_path):
     """Pretrain.py on shards: stopped after 3 steps (as after a kill, from checkpoint_last.pth) and
     resumed, the weights equal those of an uninterrupted run."""
-    from tests.test_pretrain import CONFIG, TINY_BERT, small_opts
+    from tests.test_pretrain import CONFIG, TINY_BERT, small_opts, straight_and_resumed
 
     (tmp_path / "bert_tiny.json").write_text(json.dumps(TINY_BERT))
     urls = shards(tmp_path, 48, 8)
@@ -253,16 +253,7 @@ def test_shard_path_trains_and_resumes_exactly(tmp_path):
     assert expand_shards(pattern) == urls
     opts = small_opts(tmp_path, train_file="[]", train_shards=pattern, train_samples_per_epoch=48,
                       shuffle_buffer=8, num_workers=1, **{"schedular.epochs": 1})
-    base = ["--config", CONFIG, "--device", "cpu", "--opts", *opts]
-    torch.use_deterministic_algorithms(True)
-    try:
-        Pretrain.main(["--output_dir", str(tmp_path / "straight"), "--max_steps", "7", *base])
-        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", "3", *base])
-        Pretrain.main(["--output_dir", str(tmp_path / "split"), "--max_steps", "7",
-                       "--resume", str(tmp_path / "split" / "checkpoint_last.pth"), *base])
-    finally:
-        torch.use_deterministic_algorithms(False)
-    a, b = (torch.load(tmp_path / d / "checkpoint_last.pth", weights_only=True) for d in ("straight", "split"))
+    a, b = straight_and_resumed(["--config", CONFIG, "--device", "cpu", "--opts", *opts], tmp_path, 3, 7)
     assert a["step"] == b["step"] == 7 and a["samples_per_step"] == 4
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
