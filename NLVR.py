@@ -21,7 +21,7 @@ from datasets import loaders
 from datasets.base import DataFiles
 from datasets.nlvr import NLVRDataset, collate_nlvr
 from datasets.text import build_tokenizer
-from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
+from datasets.transforms import AugmentConfig, test_transform
 from models.albef import ALBEFConfig, build_bert_config
 from models.bert import resolve_pretrained
 from models.nlvr import ALBEFNLVR, load_nlvr_checkpoint
@@ -30,7 +30,7 @@ logger = logging.getLogger("NLVR")
 
 
 @dataclass(kw_only=True)
-class NLVRConfig(utils.EngineConfig, ALBEFConfig):
+class NLVRConfig(utils.EngineConfig, ALBEFConfig, AugmentConfig):
     train_file: DataFiles
     val_file: DataFiles
     test_file: DataFiles
@@ -42,9 +42,6 @@ class NLVRConfig(utils.EngineConfig, ALBEFConfig):
     # ALBEF parity (false): from a checkpoint without momentum weights, the momentum twins keep the
     # constructor's (BERT) weights, since NLVR.py copies before loading; true: copy after loading.
     copy_momentum_after_load: bool = False
-    crop_scale: list[float] = field(default_factory=lambda: list(FINETUNE_SCALE))
-    hflip: bool = True
-    randaugment: bool = True
     optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=2e-5))
     schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=2e-5, epochs=10))
 
@@ -83,7 +80,7 @@ def main(argv=None) -> ALBEFNLVR:
     if args.evaluate:
         utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
     else:
-        transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+        transform = cfg.train_transform(cfg.image_res)
         dataset = NLVRDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words)
         loader, steps = utils.train_loader(dataset, cfg.batch_size, collate, cfg, dist, "pairs")
         utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,

@@ -24,7 +24,7 @@ from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.retrieval import evaluate_itc
 from datasets.shards import PretrainShards
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize
-from datasets.transforms import test_transform, train_transform
+from datasets.transforms import PRETRAIN_SCALE, AugmentConfig, test_transform
 from models.albef import ALBEF, ALBEFConfig, build_bert_config
 from models.checkpoint import load_weights
 from models.bert import resolve_pretrained
@@ -34,7 +34,7 @@ logger = logging.getLogger("Pretrain")
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(utils.EngineConfig, ALBEFConfig):
+class PretrainConfig(utils.EngineConfig, ALBEFConfig, AugmentConfig):
     train_file: DataFiles = field(default_factory=list)  # JSON lists of {"image", "caption"}; or train_shards
     # WebDataset shards instead (img2dataset's layout, scripts/json_to_shards.py): "dir/{000000..000123}.tar",
     # URLs or "pipe:" commands; an epoch is then train_samples_per_epoch samples over all ranks
@@ -46,9 +46,7 @@ class PretrainConfig(utils.EngineConfig, ALBEFConfig):
     batch_size: int = 64  # per GPU
     max_words: int = 30
     skip_bad_images: bool = False
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop scale
-    hflip: bool = True  # random horizontal flip
-    randaugment: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: list(PRETRAIN_SCALE))  # RandomResizedCrop scale
     optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=1e-4))
     schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=1e-4, epochs=30))
     vilta: ViLTAConfig = field(default_factory=ViLTAConfig)
@@ -110,7 +108,7 @@ def main(argv=None) -> ALBEF:
 def build_train_loader(cfg: PretrainConfig, tokenizer, dist: utils.DistInfo):
     """(this rank's training loader, pairs per epoch): JSON lists (`train_file`) or shards (`train_shards`),
     the same transform, `pre_caption` and collate either way."""
-    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+    transform = cfg.train_transform(cfg.image_res)
     collate = collate_pretrain(tokenizer)
     if bool(cfg.train_file) == bool(cfg.train_shards):
         raise utils.ConfigError("set one of train_file (JSON lists) and train_shards (WebDataset shards)")

@@ -21,7 +21,7 @@ import utils
 from datasets.base import DataFiles
 from datasets.pretrain import PretrainDataset, collate_pretrain
 from datasets.text import build_tokenizer
-from datasets.transforms import PRETRAIN_SCALE, train_transform
+from datasets.transforms import PRETRAIN_SCALE, AugmentConfig
 from models.albef import ALBEFConfig, build_bert_config
 from models.bert import resolve_pretrained
 from models.nlvr import ALBEFTextAssignment, load_text_assignment_checkpoint
@@ -30,15 +30,13 @@ logger = logging.getLogger("Pretrain_nlvr")
 
 
 @dataclass(kw_only=True)
-class TAConfig(utils.EngineConfig, ALBEFConfig):
+class TAConfig(utils.EngineConfig, ALBEFConfig, AugmentConfig):
     train_file: DataFiles
     image_root: str = ""  # prefix of relative image paths ('' : paths used as written, as the original)
     batch_size: int = 64  # per GPU; at least 3 (two distinct negatives per text)
     max_words: int = 30
     skip_bad_images: bool = False
     crop_scale: list[float] = field(default_factory=lambda: list(PRETRAIN_SCALE))
-    hflip: bool = True
-    randaugment: bool = True
     optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=2e-5))
     schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=2e-5, epochs=1))
 
@@ -61,7 +59,7 @@ def main(argv=None) -> ALBEFTextAssignment:
     dist, cfg = utils.setup_task(args, TAConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
-    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+    transform = cfg.train_transform(cfg.image_res)
     dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
     loader, _ = utils.train_loader(dataset, cfg.batch_size, collate_pretrain(tokenizer), cfg, dist, "pairs")
 

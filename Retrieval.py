@@ -45,7 +45,7 @@ from datasets.retrieval import (
     retrieval_scores,
 )
 from datasets.text import build_tokenizer
-from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
+from datasets.transforms import AugmentConfig, test_transform
 from models.albef import build_bert_config
 from models.bert import resolve_pretrained
 from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, load_retrieval_weights
@@ -54,7 +54,7 @@ logger = logging.getLogger("Retrieval")
 
 
 @dataclass(kw_only=True)
-class RetrievalConfig(utils.EngineConfig, RetrievalModelConfig):
+class RetrievalConfig(utils.EngineConfig, RetrievalModelConfig, AugmentConfig):
     train_file: DataFiles
     val_file: DataFiles
     test_file: DataFiles
@@ -66,9 +66,6 @@ class RetrievalConfig(utils.EngineConfig, RetrievalModelConfig):
     itm_batch_size: int = 256  # texts of one image per fusion call in the re-ranking
     warm_up: bool = True  # alpha ramps up linearly over the first epoch
     max_words: int = 30
-    crop_scale: list[float] = field(default_factory=lambda: list(FINETUNE_SCALE))
-    hflip: bool = True
-    randaugment: bool = True
     optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=1e-5))
     schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=1e-5, epochs=5))
 
@@ -115,8 +112,7 @@ def main(argv=None) -> dict:
         utils.finish(tb)
         return results
 
-    train_set = RetrievalTrainDataset(cfg.train_file, train_transform(
-        cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment), cfg.image_root, cfg.max_words)
+    train_set = RetrievalTrainDataset(cfg.train_file, cfg.train_transform(cfg.image_res), cfg.image_root, cfg.max_words)
     loader, steps = utils.train_loader(train_set, cfg.batch_size_train, collate_retrieval(tokenizer), cfg, dist, "pairs")
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     last: dict = {}

@@ -19,7 +19,7 @@ import utils
 from datasets import loaders
 from datasets.base import DataFiles
 from datasets.text import build_tokenizer
-from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
+from datasets.transforms import AugmentConfig, test_transform
 from datasets.ve import VEDataset, collate_ve
 from models.albef import ALBEFConfig, build_bert_config
 from models.bert import resolve_pretrained
@@ -29,7 +29,7 @@ logger = logging.getLogger("VE")
 
 
 @dataclass(kw_only=True)
-class VEConfig(utils.EngineConfig, ALBEFConfig):
+class VEConfig(utils.EngineConfig, ALBEFConfig, AugmentConfig):
     train_file: DataFiles
     val_file: DataFiles
     test_file: DataFiles
@@ -39,9 +39,6 @@ class VEConfig(utils.EngineConfig, ALBEFConfig):
     max_words: int = 30
     distill: bool = True  # momentum distillation, EMA factor `momentum` (default 0.995: the original hard-codes it)
     warm_up: bool = False  # alpha ramps up linearly over the first epoch
-    crop_scale: list[float] = field(default_factory=lambda: list(FINETUNE_SCALE))
-    hflip: bool = True
-    randaugment: bool = True
     optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=2e-5))
     schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=2e-5, epochs=5))
 
@@ -78,7 +75,7 @@ def main(argv=None) -> ALBEFVE:
     if args.evaluate:
         utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
     else:
-        transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+        transform = cfg.train_transform(cfg.image_res)
         dataset = VEDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words)
         loader, steps = utils.train_loader(dataset, cfg.batch_size_train, collate, cfg, dist, "pairs")
         utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,

@@ -24,7 +24,7 @@ import utils
 from datasets import loaders
 from datasets.base import DataFiles
 from datasets.text import build_tokenizer
-from datasets.transforms import FINETUNE_SCALE, test_transform, train_transform
+from datasets.transforms import AugmentConfig, test_transform
 from datasets.vqa import (
     VQADataset,
     VQAEvalDataset,
@@ -42,7 +42,7 @@ logger = logging.getLogger("VQA")
 
 
 @dataclass(kw_only=True)
-class VQAConfig(utils.EngineConfig, VQAModelConfig):
+class VQAConfig(utils.EngineConfig, VQAModelConfig, AugmentConfig):
     train_file: DataFiles = field(default_factory=list)
     test_file: DataFiles
     answer_list: DataFiles
@@ -53,9 +53,6 @@ class VQAConfig(utils.EngineConfig, VQAModelConfig):
     k_test: int = 128  # answers re-ranked by the full decoder pass
     eos: str = "[SEP]"  # appended to every answer
     warm_up: bool = True  # alpha ramps up over the first epoch
-    crop_scale: list[float] = field(default_factory=lambda: list(FINETUNE_SCALE))
-    hflip: bool = True
-    randaugment: bool = True
     optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=2e-5))
     schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=2e-5, epochs=8))
 
@@ -107,7 +104,7 @@ def train(args, cfg: VQAConfig, model: VQAModel, tokenizer, dist) -> int:
     """Fine-tune for `schedular.epochs` (checkpoints every epoch); returns the last epoch."""
     if not cfg.train_file:
         raise utils.ConfigError(f"{args.config}: train_file is empty (use --evaluate to rank only)")
-    transform = train_transform(cfg.image_res, tuple(cfg.crop_scale), cfg.hflip, cfg.randaugment)
+    transform = cfg.train_transform(cfg.image_res)
     dataset = VQADataset(cfg.train_file, transform, cfg.vqa_root, cfg.vg_root, cfg.eos)
     loader, steps = utils.train_loader(dataset, cfg.batch_size_train, collate_vqa_train(tokenizer), cfg, dist,
                                        "questions")

@@ -6,6 +6,8 @@ Random choices draw from torch's generator, so a DataLoader seeds them per worke
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from torchvision import transforms as T
 
 # CLIP's statistics, which the original uses for every task (not ImageNet's).
@@ -56,3 +58,16 @@ def test_transform(image_res: int) -> T.Compose:
 
 
 test_transform.__test__ = False  # not a test, though pytest would collect the name where imported
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """The training-augmentation keys of the task configs (a task schema inherits it): the crop's scale
+    range, the horizontal flip and RandAugment."""
+
+    crop_scale: list[float] = field(default_factory=lambda: list(FINETUNE_SCALE))  # RandomResizedCrop scale
+    hflip: bool = True  # random horizontal flip
+    randaugment: bool = True
+
+    def train_transform(self, image_res: int) -> T.Compose:
+        return train_transform(image_res, tuple(self.crop_scale), self.hflip, self.randaugment)
