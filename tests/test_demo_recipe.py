@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import checkpoints
 import NLVR
 import Pretrain
 import Retrieval
@@ -23,7 +24,7 @@ SCHEMAS = {"Pretrain_demo": Pretrain.PretrainConfig, "Retrieval_demo": Retrieval
            "VE_demo": VE.VEConfig, "Grounding_demo": GroundingConfig}
 # ITM rows are 1 positive : 2 negatives, so a head that ignores its input settles at this cross-entropy
 PRIOR = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
-EPOCHS = 75  # of 4 steps: 300 steps (the demo leaves the prior near step 300; fewer was not tried)
+EPOCHS = 75  # of 4 steps: 300 steps (160 steps ended at 0.62, not clearly below the prior)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
@@ -34,11 +35,13 @@ def test_demo_configs_load_and_agree(name):
         assert getattr(cfg, key) == getattr(pretrain, key), (name, key)  # the demo checkpoint fits every task
 
 
-def test_itm_loss_leaves_the_prior(tmp_path):
+def test_itm_loss_leaves_the_prior(tmp_path, monkeypatch):
     """configs/Pretrain_demo.yaml as it is (MiniLM text side, 8 px patches at 64 px, batch 8, its learning
     rate) on 32 demo pictures for EPOCHS epochs of 4 steps: the epoch-mean ITM loss starts near the prior
     and ends clearly below it. A fusion pass that ignores the image, or negatives the model cannot tell
-    apart, keep it at the prior (the old demo recipe did for its whole run)."""
+    apart, keep it at the prior (the old demo recipe did for its whole run). Checkpoints are not written:
+    75 epochs of two 490 MB files were most of the test's time and filled small disks."""
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda path, state: None)
     data = tmp_path / "demo"
     prepare_demo_data.main(["--out", str(data), "--limit", "40"])
     out = tmp_path / "run"
