@@ -123,8 +123,6 @@ def evaluate(model, dataset: GroundingDataset, collate, refer, dets, cfg: Ground
 def main(argv=None) -> dict:
     """Fine-tunes (or with --evaluate only scores); returns the last evaluation {"val_d", "testA_d", ...}."""
     args = parse_args(argv)
-    if args.evaluate and not args.checkpoint:
-        raise utils.ConfigError("--evaluate needs --checkpoint (the weights to evaluate)")
     dist, cfg = utils.setup_task(args, GroundingConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))

@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Runs the fine-tuning (or `--evaluate`); returns the last evaluation's metrics {"val_*", "test_*"}."""
     args = parse_args(argv)
-    dist, cfg = utils.setup_task(args, RetrievalConfig)
+    dist, cfg = utils.setup_task(args, RetrievalConfig, evaluate_needs_checkpoint=False)  # zero-shot: BERT + ViT
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     splits = {s: RetrievalEvalDataset(f, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
@@ -112,8 +112,10 @@ def main(argv=None) -> dict:
         utils.finish(tb)
         return results
 
-    train_set = RetrievalTrainDataset(cfg.train_file, cfg.train_transform(cfg.image_res), cfg.image_root, cfg.max_words)
-    loader, steps = utils.train_loader(train_set, cfg.batch_size_train, collate_retrieval(tokenizer), cfg, dist, "pairs")
+    train_set = RetrievalTrainDataset(cfg.train_file, cfg.train_transform(cfg.image_res), cfg.image_root,
+                                      cfg.max_words)
+    loader, steps = utils.train_loader(train_set, cfg.batch_size_train, collate_retrieval(tokenizer), cfg, dist,
+                                       "pairs")
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     last: dict = {}
 

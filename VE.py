@@ -53,8 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> ALBEFVE:
     """Fine-tunes (or with --evaluate only scores) VE; returns the unwrapped model."""
     args = parse_args(argv)
-    if args.evaluate and not args.checkpoint:
-        raise utils.ConfigError("--evaluate needs --checkpoint (the weights to evaluate)")
     dist, cfg = utils.setup_task(args, VEConfig)
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))

@@ -74,8 +74,6 @@ def main(argv=None) -> dict[str, float]:
     test_loader = loaders.build_loader(test_set, cfg.batch_size_test, shuffle=False, drop_last=False,
                                      collate_fn=collate_vqa_eval(tokenizer), num_workers=cfg.num_workers,
                                      dist=dist, seed=cfg.seed)
-    if args.evaluate and not args.checkpoint:
-        raise utils.ConfigError("--evaluate needs --checkpoint (the weights to evaluate)")
     model = VQAModel(cfg, build_bert_config(cfg))
     if args.checkpoint:
         load_vqa_checkpoint(model, args.checkpoint)

@@ -145,8 +145,12 @@ def error_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def setup_task(args: argparse.Namespace, schema: type) -> tuple["DistInfo", typing.Any]:
-    """Process group, logging, config (+ --seed/--amp/--opts, written to output_dir/config.yaml), seeds."""
+def setup_task(args: argparse.Namespace, schema: type,
+               evaluate_needs_checkpoint: bool = True) -> tuple[DistInfo, typing.Any]:
+    """Process group, logging, config (+ --seed/--amp/--opts, written to output_dir/config.yaml), seeds.
+    `--evaluate` without `--checkpoint` is an error first, unless the task can score untrained weights."""
+    if evaluate_needs_checkpoint and getattr(args, "evaluate", False) and not args.checkpoint:
+        raise ConfigError("--evaluate needs --checkpoint (the weights to evaluate)")
     opts = list(args.opts) + [f"seed={args.seed}"] * (args.seed is not None) + [f"amp={args.amp}"] * bool(args.amp)
     if args.config is None:
         raise ConfigError(f"no --config given; this script's configs: {', '.join(args.known_configs)} (*_demo: the "
@@ -194,11 +198,6 @@ def cleanup_distributed() -> None:
 
 def is_main_process() -> bool:
     return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
-
-
-def barrier() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -270,7 +269,8 @@ def train_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, cfg: E
     loader = build_loader(dataset, batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
                           num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
     steps = steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d %s, %d steps per epoch, %d ranks x batch %d", len(dataset), what, steps, dist.world_size, batch_size)
+    logger.info("%d %s, %d steps per epoch, %d ranks x batch %d", len(dataset), what, steps, dist.world_size,
+                batch_size)
     return loader, steps
 
 
@@ -395,7 +395,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             if tb is not None:
                 tb.add_scalar("train/throughput", window_samples * dist.world_size / max(now - window_time, 1e-9), step)
             window_time, window_samples = now, 0
-            metrics.log_progress(epoch, i, steps_per_epoch, (now - start_time) / (i - start_step_in_epoch + 1), data_time)
+            per_step = (now - start_time) / (i - start_step_in_epoch + 1)
+            metrics.log_progress(epoch, i, steps_per_epoch, per_step, data_time)
         if on_step is not None:
             on_step(step + 1, i + 1)
     check_finite(metrics.flush(tb), epoch, steps_per_epoch)
