@@ -4,6 +4,7 @@ every step, and the first-epoch ramp of the distillation weight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import typing
@@ -45,6 +46,9 @@ class SchedulerConfig:
       `lr` for the rest of epoch 0; from epoch 1 on, one cosine value per epoch.
     - `schedule: smooth`: linear warm-up over `warmup_steps` optimizer steps, then the cosine per step,
       reaching `min_lr` at the last step of `epochs`.
+    The original's `decay_rate` and `cooldown_epochs` do nothing with its one cosine cycle: not fields; a
+    YAML file that has them loads with a warning (config.REMOVED_KEYS), and the constructor takes and
+    drops them so the original's `schedular` dicts build as they are.
     """
 
     sched: str = "cosine"
@@ -56,8 +60,10 @@ class SchedulerConfig:
     warmup_epochs: int = 0  # original: warm-up stairs, in epoch 0 only
     step_size: int = 100  # original: optimizer steps per stair (hard-coded 100 in every original script)
     warmup_steps: int = 0  # smooth: optimizer steps of linear warm-up
+    decay_rate: dataclasses.InitVar[float | None] = None  # the original's, a no-op: dropped
+    cooldown_epochs: dataclasses.InitVar[int | None] = None  # the original's, a no-op: dropped
 
-    def __post_init__(self):
+    def __post_init__(self, decay_rate: float | None = None, cooldown_epochs: int | None = None):
         if self.sched != "cosine" or self.lr <= 0 or min(self.min_lr, self.warmup_lr) < 0:
             raise ValueError(f"need sched 'cosine', lr > 0, min_lr, warmup_lr >= 0; got {self}")
         if self.epochs < 1 or self.step_size < 1 or min(self.warmup_epochs, self.warmup_steps) < 0:

@@ -159,7 +159,10 @@ def test_a_removed_key_loads_with_one_warning_naming_it(tmp_path, caplog):
     assert ["schedular.decay_rate" in w for w in warned].count(True) == 1
     assert ["schedular.cooldown_epochs" in w for w in warned].count(True) == 1
     assert ["'eval_ema'" in w for w in warned].count(True) == 1
-    assert cfg.schedular.warmup_steps == 2000 and not hasattr(cfg.schedular, "decay_rate")
+    assert cfg.schedular.warmup_steps == 2000 and {"decay_rate", "cooldown_epochs"}.isdisjoint(
+        utils.config_to_dict(cfg)["schedular"])
+    built = SchedulerConfig(lr=1e-4, epochs=2, decay_rate=1, cooldown_epochs=0)  # an original `schedular` dict
+    assert built == SchedulerConfig(lr=1e-4, epochs=2)
 
 
 def test_save_config_keeps_comments_and_overrides(tmp_path):
