@@ -15,6 +15,7 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 
+import classify
 import utils
 from datasets import loaders
 from datasets.base import DataFiles
@@ -57,8 +58,6 @@ def main(argv=None) -> ALBEFVE:
 
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
     collate = collate_ve(tokenizer)
-    evals = {split: VEDataset(files, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
-             for split, files in (("val", cfg.val_file), ("test", cfg.test_file))}
 
     with loaders.seeded(cfg.seed):  # the same new heads on every rank, also for --evaluate (no DDP broadcast)
         model = ALBEFVE(cfg, build_bert_config(cfg), distill=cfg.distill)
@@ -66,21 +65,13 @@ def main(argv=None) -> ALBEFVE:
         load_ve_checkpoint(model, args.checkpoint)
     elif not args.resume:
         model.init_pretrained_encoders()
-    model.to(dist.device)
-    tb = utils.build_tb_writer(args.output_dir)
-    evaluate = utils.accuracy_evaluator(model, evals, collate, cfg.batch_size_test, cfg, dist, tb)
 
-    if args.evaluate:
-        utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
-    else:
-        transform = cfg.train_transform(cfg.image_res)
-        dataset = VEDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words)
-        loader, steps = utils.train_loader(dataset, cfg.batch_size_train, collate, cfg, dist, "pairs")
-        utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
-                  output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
-                  forward_kwargs=utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up), select="val_acc", tb=tb,
-                  evaluate=evaluate)
-    utils.finish(tb)
+    def dataset(files, train: bool) -> VEDataset:
+        transform = cfg.train_transform(cfg.image_res) if train else test_transform(cfg.image_res)
+        return VEDataset(files, transform, cfg.image_root, cfg.max_words)
+
+    classify.run_classifier(model, dataset, collate, args=args, cfg=cfg, dist=dist, batch_size=cfg.batch_size_train,
+                            eval_batch_size=cfg.batch_size_test)
     return model
 
 

@@ -1,6 +1,6 @@
 """The training engine shared by every task script: config and CLI (config.py holds the YAML side),
 distributed setup, logging, the one training loop `train_one_epoch` and `fit`, save/resume (checkpoints.py),
-and `gather_by_index` for evaluation across ranks. The optimizer and lr are in optim.py, metrics in
+and `gather_by_index` for evaluation across ranks (classify.py: NLVR and VE). The optimizer and lr are in optim.py, metrics in
 metrics.py, malloc tuning in memory.py; their names stay importable from here.
 
 Vocabulary: a *batch* is what the loader yields (one micro-batch); a *step* is one optimizer step,
@@ -556,43 +556,3 @@ def gather_by_index(rows: dict[int, typing.Any]) -> dict[int, typing.Any]:
         tdist.all_gather_object(shards, rows)
         rows = {k: v for shard in shards for k, v in shard.items()}
     return dict(sorted(rows.items()))
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, dataset: Dataset, collate_fn: Callable, *, batch_size: int, dist: DistInfo,
-                      amp: str = "auto", num_workers: int = 0) -> dict[str, float]:
-    """{"acc": fraction of `model.predict(image, input_ids, attention_mask).argmax(1) == targets`} over the
-    whole split (NLVR, VE): rank r scores samples r, r+W, ..., gathered by index."""
-    model.eval()
-    indices = range(dist.rank, len(dataset), dist.world_size)
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_fn,
-                        num_workers=num_workers, generator=torch.Generator())  # leaves the training RNG alone
-    correct, done = {}, 0
-    for batch in loader:
-        batch = to_device(batch, dist.device)
-        with autocast_context(amp, dist.device):
-            logits = model.predict(batch["image"], batch["input_ids"], batch["attention_mask"])
-        hits = (logits.argmax(dim=1) == batch["targets"]).tolist()
-        correct.update(zip(indices[done:done + len(hits)], hits))
-        done += len(hits)
-    correct = gather_by_index(correct)
-    return {"acc": sum(correct.values()) / max(1, len(correct))}
-
-
-def accuracy_evaluator(model: nn.Module, splits: dict[str, Dataset], collate_fn: Callable, batch_size: int,
-                       cfg: EngineConfig, dist: DistInfo, tb=None) -> Callable[[int], dict[str, float]]:
-    """NLVR's and VE's evaluation, `evaluate(epoch)` -> {"val_acc": .., "test_acc": ..}: `evaluate_accuracy` of
-    each split (under `cfg.amp`, `cfg.num_workers` loader workers), logged and sent to TensorBoard."""
-    def evaluate(epoch: int) -> dict[str, float]:
-        stats = {}
-        for split, dataset in splits.items():
-            acc = evaluate_accuracy(model, dataset, collate_fn, batch_size=batch_size, dist=dist, amp=cfg.amp,
-                                    num_workers=cfg.num_workers)
-            stats |= {f"{split}_{k}": v for k, v in acc.items()}
-        logger.info("epoch %d: %s", epoch, "  ".join(f"{k}: {100 * v:.2f}%" for k, v in stats.items()))
-        if tb is not None:
-            for k, v in stats.items():
-                tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-        return stats
-
-    return evaluate

@@ -1,4 +1,4 @@
-"""Imports only go down: task scripts -> engine (utils, checkpoints, config, optim, metrics, memory) -> models/, datasets/.
+"""Imports only go down: task scripts -> engine (utils, checkpoints, config, optim, metrics, memory, classify) -> models/, datasets/.
 
 `models/` and `datasets/` import nothing from each other, the engine or the scripts (a type they share
 lives in the lower module: `DistInfo` in datasets/loaders.py, checkpoint reading in models/checkpoint.py).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_SCRIPTS = {"Pretrain", "Pretrain_nlvr", "Retrieval", "VQA", "NLVR", "VE", "Grounding"}
-ENGINE = {"utils", "checkpoints", "config", "optim", "metrics", "memory"}
+ENGINE = {"utils", "checkpoints", "config", "optim", "metrics", "memory", "classify"}
 PACKAGES = {"models", "datasets", "scripts"}
 # What the engine may take from the packages below it: whole modules, or error types by name.
 ENGINE_MODULES = {"datasets.loaders", "models.checkpoint"}

@@ -16,6 +16,7 @@ import yaml
 import NLVR
 import Pretrain_nlvr
 import VE
+import classify
 import utils
 from datasets.base import AnnotationError
 from datasets.nlvr import NLVRDataset, collate_nlvr
@@ -176,7 +177,7 @@ def test_evaluation_shards_cover_each_sample_once(demo):
             return torch.zeros(input_ids.shape[0], 2)
 
     cfg = utils.load_config(CONFIGS / "NLVR_demo.yaml", ["batch_size=3", "num_workers=0"], NLVR.NLVRConfig)[0]
-    accs = [utils.evaluate_accuracy(Recorder(), dataset, collate_nlvr(tokenizer), batch_size=cfg.batch_size,
+    accs = [classify.evaluate_accuracy(Recorder(), dataset, collate_nlvr(tokenizer), batch_size=cfg.batch_size,
                                     dist=utils.DistInfo(rank=r, world_size=2), amp=cfg.amp, num_workers=0)
             for r in (0, 1)]
     zeros = [dataset.label(i) == 0 for i in range(len(dataset))]  # the recorder always answers class 0
