@@ -14,6 +14,7 @@ import torch
 
 from models.albef import ALBEF, ALBEFConfig, apply_mlm_mask, build_bert_config, load_state_dict_strict
 from tests.conftest import REF_DIR
+from tests.key_lists import assert_official_layout
 
 ATOL = 1e-5
 
@@ -116,16 +117,4 @@ def full_size_model(model_cls, keys: dict):
 def test_official_key_list(ref_dir, name):
     keys = json.loads((ref_dir / f"keys_{name}.json").read_text())
     model = full_size_model(KEY_MODELS[name], keys)
-    state = model.state_dict(keep_vars=True)
-    ours = {k: list(v.shape) for k, v in state.items()}
-    assert sorted(set(keys["keys"]) - set(ours)) == [], "missing keys"
-    assert sorted(set(ours) - set(keys["keys"])) == [], "extra keys"
-    assert {k: ours[k] for k in keys["keys"]} == keys["keys"], "shapes differ"
-    for alias, first in keys["shared_with"].items():
-        assert state[alias] is state[first], f"{alias} is not tied to {first}"
-    for k, dtype in keys["dtypes_non_float32"].items():
-        assert str(state[k].dtype).removeprefix("torch.") == dtype, k
-    frozen = [n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad]
-    assert len(frozen) == keys["requires_grad_false"]["count"]
-    assert all(n.split(".")[0].endswith("_m") for n in frozen)
-    assert sorted(n for n, _ in model.named_buffers()) == sorted(keys["buffers"])
+    state = assert_official_layout(model, keys)

@@ -13,6 +13,7 @@ import torch
 from models.albef import adapt_pos_embed, build_bert_config, load_state_dict_strict
 from models.vqa import VQAModel, VQAModelConfig, vqa_state_dict_from_pretrain
 from tests.test_parity import assert_close, full_size_config, load_case
+from tests.key_lists import assert_official_layout
 
 
 def model_config(cfg: dict, decoder_layers: int) -> VQAModelConfig:
@@ -99,19 +100,7 @@ def full_size(keys: dict) -> VQAModel:
 def test_official_key_list(ref_dir):
     keys = json.loads((ref_dir / "keys_vqa.json").read_text())
     model = full_size(keys)
-    state = model.state_dict(keep_vars=True)
-    ours = {k: list(v.shape) for k, v in state.items()}
-    assert sorted(set(keys["keys"]) - set(ours)) == [], "missing keys"
-    assert sorted(set(ours) - set(keys["keys"])) == [], "extra keys"
-    assert {k: ours[k] for k in keys["keys"]} == keys["keys"], "shapes differ"
-    for alias, first in keys["shared_with"].items():
-        assert state[alias] is state[first], f"{alias} is not tied to {first}"
-    for k, dtype in keys["dtypes_non_float32"].items():
-        assert str(state[k].dtype).removeprefix("torch.") == dtype, k
-    frozen = [n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad]
-    assert len(frozen) == keys["requires_grad_false"]["count"]
-    assert all(n.split(".")[0].endswith("_m") for n in frozen)
-    assert sorted(n for n, _ in model.named_buffers()) == sorted(keys["buffers"])
+    state = assert_official_layout(model, keys)
 
 
 def test_pretrain_conversion_matches_the_original(ref_dir):
