@@ -304,7 +304,7 @@ def main(argv=None) -> None:
     p.add_argument("--flops", action="store_true", help="count one extra step's FLOPs; MFU with a peak")
     p.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s in the step's dtype, for MFU")
     p.add_argument("--measure_peak", action="store_true", help="peak = a timed large matmul (implies --flops)")
-    p.add_argument("--glibc_trim", action="store_true", help="CPU: leave malloc's defaults (see utils.keep_freed_memory)")
+    p.add_argument("--glibc_trim", action="store_true", help="CPU: leave malloc's defaults (see memory.keep_freed_memory)")
     p.add_argument("--data-only", action="store_true", help="time the training loader alone (JSON and shards)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--data-only: DataLoader workers")
     p.add_argument("--shards", help="--data-only: shard pattern (default: the train_file written as shards)")
