@@ -57,7 +57,7 @@ def measure(weights: str | dict, cfg: PretrainConfig, test_file: str, pairs_file
         metrics = recall_metrics(i2t.numpy(), t2i.numpy(), dataset.txt2img, dataset.img2txt)
         out |= {f"{rank_by}_{k}": metrics[k] for k in ("img_r1", "img_r5", "txt_r1", "txt_r5")}
     pairs = PairDataset(pairs_file, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
-    p_match, _ = score(model, pairs, tokenizer, device)
+    p_match, _ = score(model, pairs, tokenizer, device, amp=cfg.amp)  # under the autocast it was trained with
     balanced = accuracy_by_kind(p_match, pairs.labels, [e["kind"] for e in pairs.ann.entries])
     return out | {f"itm_{k}": v for k, v in balanced.items()}
 
