@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert, select_image_kv
-from models.checkpoint import CheckpointError, adapt_pos_embed, load_checkpoint_file, load_state_dict_strict  # noqa: F401 - re-exported
 from models.vit import build_vit, load_vit_weights
 
 logger = logging.getLogger(__name__)

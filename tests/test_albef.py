@@ -11,13 +11,12 @@ import torch.multiprocessing as mp
 from models.albef import (
     ALBEF,
     ALBEFConfig,
-    CheckpointError,
     apply_mlm_mask,
     draw_mlm_mask,
     negative_weights,
 )
 from models.bert import BertConfig, BertForMaskedLM, BertModel, load_hf_bert
-from models.checkpoint import load_weights
+from models.checkpoint import CheckpointError, load_weights
 from models.nlvr import ALBEFNLVR
 from models.retrieval import ALBEFRetrieval, RetrievalModelConfig
 from models.ve import ALBEFVE

@@ -178,7 +178,7 @@ def test_visualize_writes_one_png_per_text(tmp_path, tiny_checkpoint):
 
 
 def test_visualize_errors_name_the_problem(tmp_path, tiny_checkpoint):
-    from models.albef import CheckpointError
+    from models.checkpoint import CheckpointError
     from scripts import visualize
 
     Image.new("RGB", (8, 8)).save(tmp_path / "im.png")

@@ -18,7 +18,7 @@ import utils
 from datasets.base import AnnotationError
 from datasets.grounding import (compute_iou, grounding_accuracy, grounding_predictions, load_dets, load_refer,
                                 pick_box, score_boxes)
-from models.albef import CheckpointError, load_state_dict_strict
+from models.checkpoint import CheckpointError, load_state_dict_strict
 from models.gradcam import check_block_num, default_block_num
 from scripts import prepare_demo_data
 from tests.test_retrieval import pretrain_checkpoint  # the same sizes and ViT grid (patch 8)

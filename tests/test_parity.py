@@ -12,7 +12,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from models.albef import ALBEF, ALBEFConfig, apply_mlm_mask, build_bert_config, load_state_dict_strict
+from models.albef import ALBEF, ALBEFConfig, apply_mlm_mask, build_bert_config
+from models.checkpoint import load_state_dict_strict
 from tests.conftest import REF_DIR
 from tests.key_lists import assert_official_layout
 
@@ -117,4 +118,4 @@ def full_size_model(model_cls, keys: dict):
 def test_official_key_list(ref_dir, name):
     keys = json.loads((ref_dir / f"keys_{name}.json").read_text())
     model = full_size_model(KEY_MODELS[name], keys)
-    state = assert_official_layout(model, keys)
+    assert_official_layout(model, keys)

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from models.albef import ALBEF, CheckpointError, build_bert_config, load_state_dict_strict
+from models.albef import ALBEF, build_bert_config
+from models.checkpoint import CheckpointError, load_state_dict_strict
 from models.nlvr import (ALBEFNLVR, ALBEFTextAssignment, load_nlvr_checkpoint, load_text_assignment_checkpoint,
                          nlvr_state_dict, text_assignment_state_dict)
 from models.ve import ALBEFVE, load_ve_checkpoint, ve_state_dict

@@ -14,7 +14,8 @@ import torch
 
 from datasets.retrieval import recall_metrics, retrieval_features, retrieval_scores
 from datasets.text import build_tokenizer, tokenize
-from models.albef import build_bert_config, load_state_dict_strict
+from models.albef import build_bert_config
+from models.checkpoint import load_state_dict_strict
 from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, convert_pretrain_state_dict, rerank_itm
 from tests.test_parity import assert_close, full_size_config, load_case, model_config
 

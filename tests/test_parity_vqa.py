@@ -10,7 +10,8 @@ from dataclasses import fields
 
 import torch
 
-from models.albef import adapt_pos_embed, build_bert_config, load_state_dict_strict
+from models.albef import build_bert_config
+from models.checkpoint import adapt_pos_embed, load_state_dict_strict
 from models.vqa import VQAModel, VQAModelConfig, vqa_state_dict_from_pretrain
 from tests.test_parity import assert_close, full_size_config, load_case
 from tests.key_lists import assert_official_layout
@@ -100,7 +101,7 @@ def full_size(keys: dict) -> VQAModel:
 def test_official_key_list(ref_dir):
     keys = json.loads((ref_dir / "keys_vqa.json").read_text())
     model = full_size(keys)
-    state = assert_official_layout(model, keys)
+    assert_official_layout(model, keys)
 
 
 def test_pretrain_conversion_matches_the_original(ref_dir):

@@ -255,8 +255,8 @@ def test_a_diverging_pretraining_names_the_divergence_not_multinomial(demo, tmp_
     assert saved(tmp_path / "out") == []
 
 
-def test_retrieval_own_loop_has_the_same_resume_checks(demo, tmp_path, capsys):
-    """Retrieval keeps its epoch loop (its best checkpoint is resumable): a finished run, weights only."""
+def test_retrieval_resume_of_a_finished_run_or_of_weights_only(demo, tmp_path, capsys):
+    """Retrieval through fit: resuming a finished run says so; resuming a weights-only file is one line."""
     argv = ["--config", str(ROOT / "configs" / "Retrieval_demo.yaml"), "--device", "cpu", "--output_dir",
             str(tmp_path / "out"), *run_opts("Retrieval", "path", demo, tmp_path / "small")]
     Retrieval.main(argv)

@@ -21,7 +21,8 @@ import Retrieval
 from datasets.retrieval import (RetrievalTrainDataset, collate_retrieval, index_captions, recall_metrics,
                                 retrieval_scores)
 from datasets.text import build_tokenizer
-from models.albef import ALBEF, ALBEFConfig, load_state_dict_strict
+from models.albef import ALBEF, ALBEFConfig
+from models.checkpoint import load_state_dict_strict
 from models.bert import BertConfig
 from models.retrieval import (ALBEFRetrieval, RetrievalModelConfig, convert_pretrain_state_dict, rerank_itm,
                               rerank_itm_plain)

@@ -15,7 +15,8 @@ import VQA
 from datasets.text import build_tokenizer
 from datasets.vqa import (answer_weights, collate_vqa_eval, collate_vqa_train, normalize_answer, vqa_accuracy,
                           vqa_score, write_result_file)
-from models.albef import ALBEF, CheckpointError
+from models.albef import ALBEF
+from models.checkpoint import CheckpointError
 from models.bert import BertConfig
 from models.vqa import VQAModel, VQAModelConfig, load_vqa_checkpoint
 from scripts import prepare_demo_data
