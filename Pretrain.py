@@ -13,43 +13,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
 import utils
 from datasets import loaders
-from datasets.base import Annotations, DataFiles
-from datasets.pretrain import PretrainDataset, collate_pretrain
+from datasets.base import Annotations
 from datasets.retrieval import evaluate_itc
-from datasets.shards import PretrainShards
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize
-from datasets.transforms import PRETRAIN_SCALE, AugmentConfig, test_transform
-from models.albef import ALBEF, ALBEFConfig, build_bert_config
+from datasets.transforms import test_transform
+from models.albef import ALBEF, build_bert_config
 from models.checkpoint import load_weights
 from models.bert import resolve_pretrained
-from models.vilta import ALBEFViLTA, ViLTA, ViLTAConfig
+from models.vilta import ALBEFViLTA, ViLTA
+from task_configs import PretrainConfig, build_train_loader
 
 logger = logging.getLogger("Pretrain")
-
-
-@dataclass(kw_only=True)
-class PretrainConfig(utils.EngineConfig, ALBEFConfig, AugmentConfig):
-    train_file: DataFiles = field(default_factory=list)  # JSON lists of {"image", "caption"}; or train_shards
-    # WebDataset shards instead (img2dataset's layout, scripts/json_to_shards.py): "dir/{000000..000123}.tar",
-    # URLs or "pipe:" commands; an epoch is then train_samples_per_epoch samples over all ranks
-    train_shards: str | list[str] | None = None
-    train_samples_per_epoch: int | None = None
-    shuffle_buffer: int = 1000  # with train_shards: samples each reader shuffles among
-    image_root: str = ""  # prefix of relative image paths ('' : paths used as written, as the original)
-    val_file: DataFiles | None = None  # optional retrieval-format file(s) for zero-shot ITC monitoring
-    batch_size: int = 64  # per GPU
-    max_words: int = 30
-    skip_bad_images: bool = False
-    crop_scale: list[float] = field(default_factory=lambda: list(PRETRAIN_SCALE))  # RandomResizedCrop scale
-    optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=1e-4))
-    schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=1e-4, epochs=30))
-    vilta: ViLTAConfig = field(default_factory=ViLTAConfig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,26 +82,6 @@ def main(argv=None) -> ALBEF:
         tb.close()
     utils.cleanup_distributed()
     return model
-
-
-def build_train_loader(cfg: PretrainConfig, tokenizer, dist: utils.DistInfo):
-    """(this rank's training loader, pairs per epoch): JSON lists (`train_file`) or shards (`train_shards`),
-    the same transform, `pre_caption` and collate either way."""
-    transform = cfg.train_transform(cfg.image_res)
-    collate = collate_pretrain(tokenizer)
-    if bool(cfg.train_file) == bool(cfg.train_shards):
-        raise utils.ConfigError("set one of train_file (JSON lists) and train_shards (WebDataset shards)")
-    if cfg.train_file:
-        dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
-        return loaders.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                                  num_workers=cfg.num_workers, dist=dist, seed=cfg.seed), len(dataset)
-    if not cfg.train_samples_per_epoch or cfg.train_samples_per_epoch < 1:
-        raise utils.ConfigError("train_shards needs train_samples_per_epoch (samples over all ranks; "
-                                "json_to_shards.py prints it, img2dataset's *_stats.json count `successes`)")
-    source = PretrainShards(cfg.train_shards, transform, cfg.max_words, cfg.shuffle_buffer)
-    loader = loaders.build_stream_loader(source, cfg.batch_size, samples_per_epoch=cfg.train_samples_per_epoch,
-                                       collate_fn=collate, num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
-    return loader, cfg.train_samples_per_epoch
 
 
 def make_val(cfg: PretrainConfig, tokenizer, dist):

@@ -29,13 +29,10 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 import utils
-from datasets.base import DataFiles
 from datasets.retrieval import (
     RetrievalEvalDataset,
     RetrievalTrainDataset,
@@ -45,34 +42,13 @@ from datasets.retrieval import (
     retrieval_scores,
 )
 from datasets.text import build_tokenizer
-from datasets.transforms import AugmentConfig, test_transform
+from datasets.transforms import test_transform
 from models.albef import build_bert_config
 from models.bert import resolve_pretrained
-from models.retrieval import ALBEFRetrieval, RetrievalModelConfig, load_retrieval_weights
+from models.retrieval import ALBEFRetrieval, load_retrieval_weights
+from task_configs import RetrievalConfig
 
 logger = logging.getLogger("Retrieval")
-
-
-@dataclass(kw_only=True)
-class RetrievalConfig(utils.EngineConfig, RetrievalModelConfig, AugmentConfig):
-    train_file: DataFiles
-    val_file: DataFiles
-    test_file: DataFiles
-    image_root: str = ""  # prefix of relative image paths
-    batch_size_train: int = 32  # per GPU
-    batch_size_test: int = 64  # images, and texts, per batch of the feature pass
-    k_test: int = 256  # ITC candidates re-ranked by ITM, per query, both directions
-    rank: Literal["itm", "itc", "itc+itm"] = "itm"  # itm: the original; itc: no fusion pass; itc+itm: their sum
-    itm_batch_size: int = 256  # texts of one image per fusion call in the re-ranking
-    warm_up: bool = True  # alpha ramps up linearly over the first epoch
-    max_words: int = 30
-    optimizer: utils.OptimizerConfig = field(default_factory=lambda: utils.OptimizerConfig(lr=1e-5))
-    schedular: utils.SchedulerConfig = field(default_factory=lambda: utils.SchedulerConfig(lr=1e-5, epochs=5))
-
-    def __post_init__(self):
-        if self.k_test < 1 or self.itm_batch_size < 1:
-            raise ValueError(f"need k_test, itm_batch_size >= 1; got {self.k_test}, {self.itm_batch_size}")
-        super().__post_init__()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

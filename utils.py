@@ -92,7 +92,7 @@ def task_parser(doc: str | None, configs: list[str], output_dir: str, *, checkpo
     files, full size first, listed in the help and when --config is missing (no guessing)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"Config keys are documented by the comments in {configs[0]} and by the "
-                                       "task's config dataclass at the top of the script.")
+                                       "task's config dataclass (at the top of the script, or in task_configs.py).")
     p.add_argument("--config", help=f"the run's YAML file (required): {', '.join(configs)}")
     p.set_defaults(known_configs=configs)
     p.add_argument("--output_dir", default=output_dir,

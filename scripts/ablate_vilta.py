@@ -11,13 +11,15 @@ The teacher: MiniLM, the demo's text encoder, ships without its masked-LM head, 
 is MiniLM plus a head trained text-only on the training captions (`--teacher_steps`, seconds). At full
 size no such step is needed: the default teacher is `text_encoder` (bert-base-uncased) itself.
 
-Measured on pictures no run trains on, as `make demo` measures (scripts/demo.py):
+Each run is `Pretrain.py` in its own process, as a user would start it; its checkpoint_last.pth is
+measured on pictures no run trains on, as `make demo` measures (zero_shot.py):
 - zero-shot retrieval R@1 on data/demo/retrieval_test.json, ranked by ITC and re-ranked by ITM;
 - ITM balanced accuracy on data/demo/itm_test.json: each true caption against itself with the colour,
   the shape, and the size or position swapped (by kind, and all together);
 - the share of the frozen teacher's synthesized captions (the same for every run) the ITM head rejects;
 - MLM accuracy at 15 % masked positions (fixed draw), reading the image;
-- seconds per training step (wall clock of the whole run over its steps: data, checkpoints included).
+- seconds per training step (wall clock of the whole run over its steps: process start, data,
+  checkpoints included).
 Writes OUT/results.json (every run) and prints mean ± std over seeds as a markdown table.
 """
 
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import random
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -37,13 +40,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import Pretrain
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from datasets.base import Annotations
 from datasets.retrieval import RetrievalEvalDataset
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize
 from datasets.transforms import test_transform
-from models.albef import ALBEF, apply_mlm_mask, draw_mlm_mask
+from models.albef import ALBEF, apply_mlm_mask, build_bert_config, draw_mlm_mask
 from models.bert import (
     BertConfig,
     BertForMaskedLM,
@@ -51,10 +54,11 @@ from models.bert import (
     resolve_pretrained,
     save_hf_bert,
 )
+from models.checkpoint import load_weights
 from models.vilta import MLMTeacher, ViLTA, ViLTAConfig
-from Pretrain import PretrainConfig
-from scripts import demo
+from task_configs import PretrainConfig
 from utils import load_config
+from zero_shot import measure
 
 logger = logging.getLogger("ablate_vilta")
 CONFIG = "configs/Pretrain_demo.yaml"
@@ -137,10 +141,10 @@ def build_held_out(test_file: str, image_root: str, tokenizer, teacher: MLMTeach
 
 @torch.no_grad()
 def evaluate(model: ALBEF, held: dict, cfg, args) -> dict[str, float]:
-    """`make demo`'s measures (scripts/demo.py: ITC and ITM-re-ranked R@1, ITM balanced accuracy by kind
+    """`make demo`'s measures (zero_shot.py: ITC and ITM-re-ranked R@1, ITM balanced accuracy by kind
     of swap), the share of the teacher's synthesized captions the ITM head rejects, MLM accuracy."""
     model.eval()
-    metrics = demo.measure(model.state_dict(), cfg, args.test_file, args.pairs)
+    metrics = measure(model.state_dict(), cfg, args.test_file, args.pairs)
     images = torch.stack([held["dataset"][i][0] for i in range(len(held["dataset"]))])
     image_embeds = torch.cat([model.encode_image(images[s : s + 128])[0] for s in range(0, len(images), 128)])
     ids, mask, rows = held["ids"], held["mask"], held["txt2img"]
@@ -156,15 +160,18 @@ def evaluate(model: ALBEF, held: dict, cfg, args) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------- main
 
 
-def run(variant: str, seed: int, args, teacher_dir: str) -> tuple[ALBEF, float]:
+def run(variant: str, seed: int, args, teacher_dir: str, cfg: PretrainConfig) -> tuple[ALBEF, float]:
+    """Pretrain.py on one variant and seed; (its trained model from checkpoint_last.pth, seconds it ran)."""
     out = os.path.join(args.out, f"{variant}_seed{seed}")
     opts = [f"seed={seed}", "val_file=null", f"schedular.epochs={args.epochs}", f"vilta.teacher={teacher_dir}",
             *VARIANTS[variant]]
     start = time.perf_counter()
     budget = ["--max_steps", str(args.max_steps)] if args.max_steps else []
-    model = Pretrain.main(["--config", CONFIG, "--output_dir", out, "--device", "cpu", "--amp", args.amp, *budget,
-                           "--opts", *opts])
+    subprocess.run([sys.executable, os.path.join(ROOT, "Pretrain.py"), "--config", CONFIG, "--output_dir", out,
+                    "--device", "cpu", "--amp", args.amp, *budget, "--opts", *opts], check=True)
     seconds = time.perf_counter() - start
+    model = ALBEF(cfg, build_bert_config(cfg))  # ViLTA's model saves ALBEF's state dict (models/vilta.py)
+    load_weights(model, os.path.join(out, "checkpoint_last.pth"))
     for name in os.listdir(out):
         if name.endswith(".pth") and not (args.keep_checkpoints and name == "checkpoint_last.pth"):
             os.remove(os.path.join(out, name))
@@ -216,7 +223,7 @@ def main(argv=None) -> list[dict]:
         for variant in args.variants:
             if (variant, seed, budget) in done:
                 continue
-            model, seconds = run(variant, seed, args, teacher_dir)
+            model, seconds = run(variant, seed, args, teacher_dir, cfg)
             row = {"variant": variant, "seed": seed, "budget": budget, "amp": args.amp,
                    "s_per_step": seconds / steps_per_run} | evaluate(model, held, cfg, args)
             logger.info("result: %s", row)

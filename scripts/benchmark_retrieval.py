@@ -39,7 +39,7 @@ from datasets.transforms import test_transform  # noqa: E402
 from models.albef import build_bert_config  # noqa: E402
 from models.bert import resolve_pretrained  # noqa: E402
 from models.retrieval import ALBEFRetrieval, load_retrieval_weights, rerank_itm_plain  # noqa: E402
-from Retrieval import RetrievalConfig  # noqa: E402
+from task_configs import RetrievalConfig  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):

@@ -1,7 +1,8 @@
 """`make demo`: pretrain the demo ALBEF on easy-VQA-style pictures and show what it learned.
 
 Runs `Pretrain.py --config configs/Pretrain_demo.yaml` (data from scripts/prepare_demo_data.py), then
-measures the model before pretraining (the same initialisation) and after, on pictures no run trains on:
+measures (zero_shot.py) the model before pretraining (the same initialisation) and after, on pictures no
+run trains on:
 - zero-shot retrieval on data/demo/retrieval_test.json, ranked by ITC alone and re-ranked by ITM (the
   original's evaluation: ITM logit of the ITC top k_test);
 - ITM balanced accuracy on data/demo/itm_test.json: every true caption against the same caption with
@@ -23,15 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
-from datasets.retrieval import PairDataset, RetrievalEvalDataset, accuracy_by_kind, recall_metrics, retrieval_features, retrieval_scores  # noqa: E402
-from datasets.text import build_tokenizer  # noqa: E402
-from datasets.transforms import test_transform  # noqa: E402
 from models.albef import ALBEF, build_bert_config  # noqa: E402
-from models.bert import resolve_pretrained  # noqa: E402
-from Pretrain import PretrainConfig  # noqa: E402
-from models.retrieval import load_scorer, pair_scores as score  # noqa: E402
+from task_configs import PretrainConfig  # noqa: E402
+from zero_shot import K_TEST, measure  # noqa: E402
 
-K_TEST = 16  # ITC candidates re-ranked by ITM, as configs/Retrieval_demo.yaml
 KINDS = ("colour", "shape", "size", "position")
 
 
@@ -41,25 +37,6 @@ def initial_state(cfg: PretrainConfig) -> dict:
     model = ALBEF(cfg, build_bert_config(cfg))
     model.init_pretrained_encoders()
     return model.state_dict()
-
-
-@torch.no_grad()
-def measure(weights: str | dict, cfg: PretrainConfig, test_file: str, pairs_file: str) -> dict:
-    """Retrieval (ITC, ITM re-ranked) and ITM balanced accuracy by kind of swap, percent."""
-    model, _ = load_scorer(cfg, weights)
-    tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
-    device = torch.device("cpu")
-    dataset = RetrievalEvalDataset(test_file, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
-    feats = retrieval_features(model, dataset, tokenizer, device)
-    out = {}
-    for rank_by in ("itc", "itm"):
-        i2t, t2i = retrieval_scores(model, feats, K_TEST, rank_by)
-        metrics = recall_metrics(i2t.numpy(), t2i.numpy(), dataset.txt2img, dataset.img2txt)
-        out |= {f"{rank_by}_{k}": metrics[k] for k in ("img_r1", "img_r5", "txt_r1", "txt_r5")}
-    pairs = PairDataset(pairs_file, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
-    p_match, _ = score(model, pairs, tokenizer, device, amp=cfg.amp)  # under the autocast it was trained with
-    balanced = accuracy_by_kind(p_match, pairs.labels, [e["kind"] for e in pairs.ann.entries])
-    return out | {f"itm_{k}": v for k, v in balanced.items()}
 
 
 def print_tables(before: dict, after: dict, epochs: int, test_file: str, pairs_file: str) -> None:

@@ -22,9 +22,6 @@ import time
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from scripts.prepare_demo_data import COLOURS, SHAPES  # noqa: E402
 
 # task -> (script, config, budget flags, {reported name: log.txt key}); accuracies in log.txt are fractions
 # (x100 here). The budget is the same from the checkpoint and from no pretraining: Retrieval runs its one
@@ -62,7 +59,11 @@ def run_task(task: str, checkpoint: str | None, output_dir: str, amp: str) -> fl
 
 
 def vqa_by_kind(output_dir: str, test_file: str) -> dict[str, float]:
-    """Exact-match accuracy (one answer per easy-VQA question) overall and by the kind of answer."""
+    """Exact-match accuracy (one answer per easy-VQA question) overall and by the kind of answer; the
+    colour and shape names come from the demo data's meta.json, beside `test_file`."""
+    with open(os.path.join(os.path.dirname(test_file), "meta.json")) as f:
+        meta = json.load(f)
+    colours, shapes = set(meta["colours"]), set(meta["shapes"])
     results = sorted(os.listdir(os.path.join(output_dir, "result")))
     with open(os.path.join(output_dir, "result", results[-1])) as f:
         predicted = {r["question_id"]: r["answer"] for r in json.load(f)}
@@ -71,7 +72,7 @@ def vqa_by_kind(output_dir: str, test_file: str) -> dict[str, float]:
     hits: dict[str, list[bool]] = defaultdict(list)
     for q in questions:
         truth = q["answer"][0]
-        kind = "colour" if truth in COLOURS else "shape" if truth in SHAPES else "yes/no"
+        kind = "colour" if truth in colours else "shape" if truth in shapes else "yes/no"
         hit = predicted[q["question_id"]] == truth
         hits[kind].append(hit)
         hits["overall"].append(hit)
