@@ -70,13 +70,8 @@ def main(argv=None) -> ALBEFNLVR:
         load_nlvr_checkpoint(model, args.checkpoint, cfg.copy_momentum_after_load)
     elif not args.resume:
         model.init_pretrained_encoders()
-
-    def dataset(files, train: bool) -> NLVRDataset:
-        transform = cfg.train_transform(cfg.image_res) if train else test_transform(cfg.image_res)
-        return NLVRDataset(files, transform, cfg.image_root, cfg.max_words)
-
-    classify.run_classifier(model, dataset, collate, args=args, cfg=cfg, dist=dist, batch_size=cfg.batch_size,
-                            eval_batch_size=cfg.batch_size)
+    classify.run_classifier(model, NLVRDataset, test_transform(cfg.image_res), collate, args=args, cfg=cfg,
+                            dist=dist, batch_size=cfg.batch_size, eval_batch_size=cfg.batch_size)
     return model
 
 

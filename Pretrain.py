@@ -52,10 +52,7 @@ def main(argv=None) -> ALBEF:
 
     vilta = ViLTA.build(cfg.vilta, tokenizer, bert_cfg, cfg.text_encoder) if cfg.vilta.enabled else None
     model = ALBEFViLTA(cfg, bert_cfg, vilta) if vilta else ALBEF(cfg, bert_cfg)
-    if args.checkpoint:
-        load_weights(model, args.checkpoint)
-    elif not args.resume:
-        model.init_pretrained_encoders()
+    utils.init_weights(model, args, load_weights)
     model.to(dist.device)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     tb = utils.build_tb_writer(args.output_dir)

@@ -64,10 +64,7 @@ def main(argv=None) -> ALBEFTextAssignment:
     loader, _ = utils.train_loader(dataset, cfg.batch_size, collate_pretrain(tokenizer), cfg, dist, "pairs")
 
     model = ALBEFTextAssignment(cfg, build_bert_config(cfg))
-    if args.checkpoint:
-        load_text_assignment_checkpoint(model, args.checkpoint)
-    elif not args.resume:
-        model.init_pretrained_encoders()
+    utils.init_weights(model, args, load_text_assignment_checkpoint)
     model.to(dist.device)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     tb = utils.build_tb_writer(args.output_dir)

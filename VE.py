@@ -61,17 +61,9 @@ def main(argv=None) -> ALBEFVE:
 
     with loaders.seeded(cfg.seed):  # the same new heads on every rank, also for --evaluate (no DDP broadcast)
         model = ALBEFVE(cfg, build_bert_config(cfg), distill=cfg.distill)
-    if args.checkpoint:
-        load_ve_checkpoint(model, args.checkpoint)
-    elif not args.resume:
-        model.init_pretrained_encoders()
-
-    def dataset(files, train: bool) -> VEDataset:
-        transform = cfg.train_transform(cfg.image_res) if train else test_transform(cfg.image_res)
-        return VEDataset(files, transform, cfg.image_root, cfg.max_words)
-
-    classify.run_classifier(model, dataset, collate, args=args, cfg=cfg, dist=dist, batch_size=cfg.batch_size_train,
-                            eval_batch_size=cfg.batch_size_test)
+    utils.init_weights(model, args, load_ve_checkpoint)
+    classify.run_classifier(model, VEDataset, test_transform(cfg.image_res), collate, args=args, cfg=cfg,
+                            dist=dist, batch_size=cfg.batch_size_train, eval_batch_size=cfg.batch_size_test)
     return model
 
 

@@ -75,10 +75,7 @@ def main(argv=None) -> dict[str, float]:
                                      collate_fn=collate_vqa_eval(tokenizer), num_workers=cfg.num_workers,
                                      dist=dist, seed=cfg.seed)
     model = VQAModel(cfg, build_bert_config(cfg))
-    if args.checkpoint:
-        load_vqa_checkpoint(model, args.checkpoint)
-    elif not args.resume:
-        model.init_pretrained_encoders()
+    utils.init_weights(model, args, load_vqa_checkpoint)
     model.to(dist.device)
     answers = [t.to(dist.device) for t in answer_tokens(tokenizer, test_set.answer_list, cfg.eos)]
     epoch = 0

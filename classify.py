@@ -4,7 +4,6 @@ accuracy of every evaluation split after each epoch, sharded over ranks and gath
 from __future__ import annotations
 
 import logging
-import typing
 from collections.abc import Callable
 
 import torch
@@ -16,19 +15,26 @@ import utils
 logger = logging.getLogger(__name__)
 
 
-def run_classifier(model: nn.Module, dataset: Callable[[typing.Any, bool], Dataset], collate_fn: Callable, *,
-                   args, cfg, dist: utils.DistInfo, batch_size: int, eval_batch_size: int) -> None:
+def run_classifier(model: nn.Module, dataset_cls: Callable[..., Dataset], test_transform: Callable,
+                   collate_fn: Callable, *, args, cfg, dist: utils.DistInfo, batch_size: int,
+                   eval_batch_size: int) -> None:
     """`--evaluate`: one line of val and test accuracy in log.txt; otherwise `utils.fit` on `cfg.train_file`
     with the alpha ramp, evaluating val and test after every epoch and keeping the best by val accuracy.
-    `dataset(files, train)` builds a split with the training or the test transform."""
+    A split is `dataset_cls(files, transform, cfg.image_root, cfg.max_words)`: the training split with
+    the config's `train_transform`, val and test with `test_transform`."""
     model.to(dist.device)
     tb = utils.build_tb_writer(args.output_dir)
-    splits = {split: dataset(files, False) for split, files in (("val", cfg.val_file), ("test", cfg.test_file))}
+
+    def dataset(files, transform: Callable) -> Dataset:
+        return dataset_cls(files, transform, cfg.image_root, cfg.max_words)
+
+    splits = {"val": dataset(cfg.val_file, test_transform), "test": dataset(cfg.test_file, test_transform)}
     evaluate = accuracy_evaluator(model, splits, collate_fn, eval_batch_size, cfg, dist, tb)
     if args.evaluate:
         utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
     else:
-        loader, steps = utils.train_loader(dataset(cfg.train_file, True), batch_size, collate_fn, cfg, dist, "pairs")
+        train_set = dataset(cfg.train_file, cfg.train_transform(cfg.image_res))
+        loader, steps = utils.train_loader(train_set, batch_size, collate_fn, cfg, dist, "pairs")
         utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
                   output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
                   forward_kwargs=utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up), select="val_acc", tb=tb,

@@ -163,6 +163,16 @@ def setup_task(args: argparse.Namespace, schema: type,
     return dist, cfg
 
 
+def init_weights(model: nn.Module, args: argparse.Namespace, load: Callable[[nn.Module, str], typing.Any]) -> None:
+    """A task model's first weights: with --checkpoint, `load(model, path)` (the task's conversion and
+    checks); without, in a fresh run, the pretrained encoders its config names. A resumed run skips both:
+    `fit` loads the run's own weights."""
+    if args.checkpoint:
+        load(model, args.checkpoint)
+    elif not args.resume:
+        model.init_pretrained_encoders()
+
+
 # --------------------------------------------------------------------------------------- distributed
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets.base import AnnotationError, Annotations, PathLike, file_list, image_path, open_image
-from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
+from datasets.text import collate_image_text, pre_caption
 
 SPLITS = ("val", "testA", "testB")
 
@@ -60,17 +60,10 @@ class GroundingDataset(torch.utils.data.Dataset):
         return image, text, int(key)
 
 
-def _collate_eval(samples, tokenizer) -> dict[str, torch.Tensor]:
-    images, texts, ref_ids = zip(*samples)
-    input_ids, attention_mask = tokenize(tokenizer, list(texts), **TOKENIZER_SETTINGS["longest"])
-    return {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask,
-            "ref_id": torch.tensor(ref_ids, dtype=torch.long)}
-
-
 def collate_grounding_eval(tokenizer):
     """Evaluation batches {"image", "input_ids", "attention_mask", "ref_id"}, padded to the longest text
     without truncation (Grounding.py's evaluation call). Training uses `collate_retrieval`."""
-    return functools.partial(_collate_eval, tokenizer=tokenizer)
+    return functools.partial(collate_image_text, tokenizer=tokenizer, setting="longest", key="ref_id")
 
 
 # --------------------------------------------------------------------------------- reference data

@@ -24,7 +24,7 @@ from datasets.base import (
     image_path,
     open_image,
 )
-from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
+from datasets.text import collate_image_text, pre_caption
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +105,8 @@ class PretrainDataset(Dataset):
 Sample = tuple[torch.Tensor, str]
 
 
-def _collate_pretrain(samples: list[Sample], tokenizer: BertTokenizerFast) -> dict[str, torch.Tensor]:
-    images, captions = zip(*samples)
-    input_ids, attention_mask = tokenize(tokenizer, list(captions), **TOKENIZER_SETTINGS["pretrain"])
-    return {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def collate_pretrain(tokenizer: BertTokenizerFast) -> Callable[[list[Sample]], dict[str, torch.Tensor]]:
     """DataLoader `collate_fn`: samples -> {"image" [B,3,H,W] float, "input_ids" [B,L] int64,
     "attention_mask" [B,L] int64}, tokenised as Pretrain.py does (longest, truncated to 25 tokens
     including [CLS]). Keys are the pretraining model's forward arguments; picklable for workers."""
-    return functools.partial(_collate_pretrain, tokenizer=tokenizer)
+    return functools.partial(collate_image_text, tokenizer=tokenizer, setting="pretrain")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from datasets.base import AnnotationError, Annotations, image_path, open_image
-from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
+from datasets.text import TOKENIZER_SETTINGS, collate_image_text, pre_caption, tokenize
 
 
 def index_captions(ann: list[dict]) -> tuple[list[str], list[list[int]], list[int]]:
@@ -117,17 +117,10 @@ class RetrievalTrainDataset(torch.utils.data.Dataset):
         return image, caption, self.img_ids[self.ann[index]["image_id"]]
 
 
-def _collate_retrieval(samples, tokenizer) -> dict[str, torch.Tensor]:
-    images, captions, idx = zip(*samples)
-    input_ids, attention_mask = tokenize(tokenizer, list(captions), **TOKENIZER_SETTINGS["retrieval_train"])
-    return {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask,
-            "idx": torch.tensor(idx, dtype=torch.long)}
-
-
 def collate_retrieval(tokenizer):
     """DataLoader `collate_fn`: samples -> the retrieval model's forward arguments {"image", "input_ids",
     "attention_mask", "idx"}, tokenised as the original's training (longest, no truncation)."""
-    return functools.partial(_collate_retrieval, tokenizer=tokenizer)
+    return functools.partial(collate_image_text, tokenizer=tokenizer, setting="retrieval_train", key="idx")
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -202,13 +195,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def collate_fn(self, tokenizer):
         """Batches of {"image", "input_ids", "attention_mask"}, tokenised as the retrieval evaluation."""
-        return functools.partial(_collate_pairs, tokenizer=tokenizer)
-
-
-def _collate_pairs(samples, tokenizer) -> dict[str, torch.Tensor]:
-    images, captions, _ = zip(*samples)
-    input_ids, attention_mask = tokenize(tokenizer, list(captions), **TOKENIZER_SETTINGS["retrieval_eval"])
-    return {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask}
+        return functools.partial(collate_image_text, tokenizer=tokenizer, setting="retrieval_eval")
 
 
 def balanced_accuracy(p_match: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> float:

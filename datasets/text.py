@@ -2,6 +2,7 @@
 
 Both functions reproduce the original character for character (checked against the reference
 fixture), because the text an ALBEF checkpoint was trained on is what these functions produce.
+`collate_image_text` is the one-image tasks' batch: images stacked, texts tokenised as their script.
 """
 
 from __future__ import annotations
@@ -112,3 +113,16 @@ def tokenize(
         return_tensors="pt",
     )
     return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def collate_image_text(samples: list[tuple], tokenizer: BertTokenizerFast, *, setting: str,
+                       key: str | None = None) -> dict[str, torch.Tensor]:
+    """(image, text[, int]) samples -> {"image" [B,3,H,W], "input_ids", "attention_mask" [B,L]} with the
+    texts tokenised by `TOKENIZER_SETTINGS[setting]`, and with `key` the samples' third items as int64
+    [B] under that name. Used through `functools.partial` (picklable for loader workers)."""
+    images, texts = zip(*((s[0], s[1]) for s in samples))
+    input_ids, attention_mask = tokenize(tokenizer, list(texts), **TOKENIZER_SETTINGS[setting])
+    batch = {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask}
+    if key is not None:
+        batch[key] = torch.tensor([s[2] for s in samples], dtype=torch.long)
+    return batch

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from transformers import BertTokenizerFast
 
 from datasets.base import LabelledDataset, image_path, open_image
-from datasets.text import TOKENIZER_SETTINGS, pre_caption, tokenize
+from datasets.text import collate_image_text, pre_caption
 
 # ALBEF parity: the original's class ids.
 LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
@@ -37,14 +37,7 @@ class VEDataset(LabelledDataset, Dataset):
         return self.transform(image), pre_caption(self.ann.field(index, "sentence"), self.max_words), self.label(index)
 
 
-def _collate_ve(samples: list[Sample], tokenizer: BertTokenizerFast) -> dict[str, torch.Tensor]:
-    images, sentences, labels = zip(*samples)
-    input_ids, attention_mask = tokenize(tokenizer, list(sentences), **TOKENIZER_SETTINGS["longest"])
-    return {"image": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask,
-            "targets": torch.tensor(labels, dtype=torch.long)}
-
-
 def collate_ve(tokenizer: BertTokenizerFast) -> Callable[[list[Sample]], dict[str, torch.Tensor]]:
     """DataLoader `collate_fn`: samples -> {"image" [B,3,H,W], "input_ids", "attention_mask" [B,L]
     (padded to the longest, no truncation, as VE.py), "targets" [B] in {0, 1, 2}}."""
-    return functools.partial(_collate_ve, tokenizer=tokenizer)
+    return functools.partial(collate_image_text, tokenizer=tokenizer, setting="longest", key="targets")
