@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # task -> (script, config, budget flags, {reported name: log.txt key}); accuracies in log.txt are fractions
 # (x100 here). The budget is the same from the checkpoint and from no pretraining: Retrieval runs its one
 # demo epoch (125 steps of 32); the others stop after STEPS optimizer steps of their demo batch.
-STEPS = 100
+STEPS = 200  # ten runs took 30.6 min on 2 quiet cores (100 steps: 20.6 min; docs/demo.md)
 TASKS: dict[str, tuple[str, str, list[str], dict[str, str]]] = {
     "retrieval": ("Retrieval.py", "configs/Retrieval_demo.yaml", [],
                   {"test text R@1": "test_txt_r1", "test image R@1": "test_img_r1", "test R mean": "test_r_mean"}),
