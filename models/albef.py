@@ -46,8 +46,14 @@ class ALBEFConfig:
     # torch.compile the student ViT and each student BERT layer (NLVR: ViT only); dropout then draws from
     # inductor's RNG, not eager's (same distribution; torch._inductor.config.fallback_random for the same draws)
     compile: bool = False
+    # Keep pretrained text weights as loaded (the demo's speed: AdamW, the EMA and backward skip them); the
+    # original trains everything. Embeddings: word (and the MLM decoder tied to it), position, type.
+    freeze_text_embeddings: bool = False
+    freeze_text_layers: int = 0  # the first N BERT layers, text layers only (N <= fusion_layer)
 
     def __post_init__(self):
+        if self.freeze_text_layers < 0:
+            raise ValueError(f"freeze_text_layers must be >= 0, got {self.freeze_text_layers}")
         if self.vit_width % self.vit_heads:
             raise ValueError(f"vit_width ({self.vit_width}) must be divisible by vit_heads ({self.vit_heads})")
         if self.vision_width != self.vit_width:
@@ -134,7 +140,19 @@ class ALBEFBase(nn.Module):
             raise ValueError(f"bert_config.encoder_width {bert_cfg.encoder_width} != vit_width {cfg.vit_width}")
         self.visual_encoder = build_vit(cfg.image_res, cfg.vit_patch_size, cfg.vit_width, cfg.vit_depth, cfg.vit_heads)
         self.text_encoder = BertForMaskedLM(bert_cfg) if mlm_head else BertModel(bert_cfg)
+        self.freeze_text(cfg.freeze_text_embeddings, cfg.freeze_text_layers)
         self.set_speed_options(cfg.grad_checkpointing, cfg.compile)
+
+    def freeze_text(self, embeddings: bool, layers: int) -> None:
+        """requires_grad False on the embeddings and/or the first `layers` BERT layers (the optimizer,
+        `momentum_update` and autograd then skip them; their momentum twins stay equal to them)."""
+        if layers > self.bert_cfg.fusion_layer:
+            raise ValueError(f"freeze_text_layers {layers} > fusion_layer {self.bert_cfg.fusion_layer}: "
+                             "only text layers (below the fusion layers) can be frozen")
+        if embeddings:
+            self.bert.embeddings.requires_grad_(False)
+        for layer in self.bert.encoder.layer[:layers]:
+            layer.requires_grad_(False)
 
     def set_speed_options(self, grad_checkpointing: bool, compile: bool = False) -> None:
         """Gradient checkpointing and `torch.compile` of the student encoders, block by block (the ViT runs
@@ -169,11 +187,14 @@ class ALBEFBase(nn.Module):
                     m.grad_checkpointing = False
             setattr(self, name + "_m", twin)
 
-    def momentum_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    def momentum_pairs(self, trainable_only: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(online, twin) parameters in the same order; `trainable_only` leaves out frozen ones."""
         online, twins = [], []
         for name in self.momentum_names:
-            online += list(getattr(self, name).parameters())
-            twins += list(getattr(self, name + "_m").parameters())
+            for p, p_m in zip(getattr(self, name).parameters(), getattr(self, name + "_m").parameters()):
+                if p.requires_grad or not trainable_only:
+                    online.append(p)
+                    twins.append(p_m)
         return online, twins
 
     @torch.no_grad()
@@ -184,8 +205,9 @@ class ALBEFBase(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
-        """p_m <- momentum * p_m + (1 - momentum) * p, one fused foreach op over all pairs."""
-        online, twins = self.momentum_pairs()
+        """p_m <- momentum * p_m + (1 - momentum) * p, one fused foreach op over all trainable pairs (a frozen
+        weight's twin already equals it)."""
+        online, twins = self.momentum_pairs(trainable_only=True)
         torch._foreach_lerp_(twins, online, 1.0 - momentum)
 
     def register_queues(self, embed_dim: int, queue_size: int, with_idx: bool = False) -> None:

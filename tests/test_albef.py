@@ -255,6 +255,31 @@ def test_the_training_forward_runs_the_momentum_update(model_cls):
         torch.testing.assert_close(t, e, rtol=0, atol=1e-6)
 
 
+def test_frozen_text_weights_get_no_gradient_no_update_and_keep_their_twins():
+    """freeze_text_embeddings + freeze_text_layers=1: after a training step the embeddings and layer 0 are
+    unchanged, have no gradient and no AdamW state, and their twins still equal them; layer 1 and the
+    fusion layers train. Freezing a fusion layer is refused."""
+    model = tiny_model(freeze_text_embeddings=True, freeze_text_layers=1).train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if n.startswith(("text_encoder.bert.embeddings.", "text_encoder.bert.encoder.layer.0."))}
+    assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    image, ids, mask = tiny_batch()
+    out = model(image, ids, mask, alpha=0.4)
+    sum(v for k, v in out.items() if k.startswith("loss")).backward()
+    optimizer.step()
+    params = dict(model.named_parameters())
+    for name, value in frozen.items():
+        assert params[name].grad is None and torch.equal(params[name], value), name
+        assert torch.equal(params[name.replace("text_encoder.", "text_encoder_m.", 1)], value), name
+    for name in ("text_encoder.bert.encoder.layer.1.attention.self.query.weight",
+                 "text_encoder.bert.encoder.layer.2.crossattention.self.key.weight"):
+        assert not torch.equal(params[name], before[name]), name
+    with pytest.raises(ValueError, match="fusion_layer"):
+        tiny_model(freeze_text_layers=3)
+
+
 def test_bert_layer_norms_use_layer_norm_eps():
     """Every LayerNorm of the text side (embeddings, layers, MLM head) computes with the config's eps:
     each one runs in a training forward and its output is layer_norm(input, eps) for an eps far from the
