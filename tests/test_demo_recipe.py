@@ -27,8 +27,9 @@ SCHEMAS = {"Pretrain_demo": Pretrain.PretrainConfig, "Retrieval_demo": Retrieval
 PRIOR = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
 # of one step of 8 pictures: 120 steps. Measured at 1 thread, seeds 1 and 3, before the demo froze MiniLM's lower
 # layers: the ITM loss leaves the prior between steps 60 and 80, and the last 10 steps average 0.32 and 0.26; after
-# 100 steps seed 1 was still at 0.48. With the frozen layers the test passes too (this file: 58 s at 2 threads). On 32 pictures of any
-# colour (4 steps an epoch) 160 steps were not enough: 0.56-0.62, within 0.1 of the prior (docs/demo.md)
+# 100 steps seed 1 was still at 0.48. With the frozen layers the test passes too (this file: 58 s at 2 threads).
+# On 32 pictures of any colour (4 steps an epoch) 160 steps were not enough: 0.56-0.62, within 0.1 of the prior
+# (docs/demo.md).
 EPOCHS = 120
 
 
