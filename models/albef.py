@@ -442,12 +442,34 @@ class ALBEF(ALBEFBase):
                    loss_t2i=loss_t2i)
         return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
-    def text_passes(self, texts: list[torch.Tensor], attention_mask: torch.Tensor, momentum: bool = False):
-        """Text-mode states [B, L, H] of each id tensor in `texts` (all [B, L], sharing `attention_mask`),
-        computed in one batched pass of the student (or momentum) text layers."""
-        bert = self.text_encoder_m.bert if momentum else self.bert
-        states = bert(torch.cat(texts), attention_mask.repeat(len(texts), 1), mode="text")
-        return states.split(attention_mask.shape[0])
+    def shared_text_layers(self) -> int:
+        """How many text layers the momentum pass may take from the student: frozen embeddings and first
+        layers have twins equal to themselves (`freeze_text`), so without dropout both compute the same
+        states. 0 otherwise: the momentum pass runs every text layer, as the original."""
+        bert_cfg = self.bert.config
+        if not self.cfg.freeze_text_embeddings or bert_cfg.hidden_dropout_prob or bert_cfg.attention_probs_dropout_prob:
+            return 0
+        return self.cfg.freeze_text_layers
+
+    def text_passes(self, texts: list[torch.Tensor], attention_mask: torch.Tensor):
+        """Student text-mode states [B, L, H] of each id tensor in `texts` (all [B, L], sharing
+        `attention_mask`), computed in one batched pass, and the states of the first two after the
+        `shared_text_layers` (None when 0), where `momentum_text_passes` starts."""
+        bert, B, k = self.bert, attention_mask.shape[0], self.shared_text_layers()
+        mask = attention_mask.repeat(len(texts), 1)
+        x = bert.embeddings(torch.cat(texts))
+        if k:
+            x = bert.run_layers(x, mask, bert.encoder.layer[:k])
+        states = bert.run_layers(x, mask, bert.encoder.layer[k : bert.config.fusion_layer])
+        return states.split(B), (x[: 2 * B] if k else None)
+
+    def momentum_text_passes(self, texts: list[torch.Tensor], attention_mask: torch.Tensor,
+                             shared: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The momentum text layers' states of `texts`, from the student's `shared` states if given."""
+        bert, k = self.text_encoder_m.bert, self.shared_text_layers()
+        mask = attention_mask.repeat(len(texts), 1)
+        x = shared if k else bert.embeddings(torch.cat(texts))
+        return bert.run_layers(x, mask, bert.encoder.layer[k : bert.config.fusion_layer]).split(attention_mask.shape[0])
 
     def extra_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, out: dict) -> list[torch.Tensor]:
         """More captions [B, L] (sharing `attention_mask`) for the student text pass, whose states reach
@@ -494,7 +516,8 @@ class ALBEF(ALBEFBase):
 
         The original's passes, batched where they run the same layers (the same function, fewer and
         larger matmuls): one student text pass over the captions, their masked copies (MLM) and any
-        `extra_texts`; one momentum text pass over the captions and masked copies; one student
+        `extra_texts`; one momentum text pass over the captions and masked copies (after the frozen text
+        layers only, `shared_text_layers`); one student
         fusion pass over the ITM rows and the MLM rows, which read the B images' keys and values
         projected once. The ITM rows' last fusion layer computes [CLS] only.
         """
@@ -505,12 +528,12 @@ class ALBEF(ALBEFBase):
         texts = [input_ids, masked_ids, *self.extra_texts(input_ids, attention_mask, out)]
 
         image_embeds, image_feat = self.encode_image(image)
-        text_embeds, mlm_text, *extra_embeds = self.text_passes(texts, attention_mask)
+        (text_embeds, mlm_text, *extra_embeds), shared = self.text_passes(texts, attention_mask)
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
         with torch.no_grad():
             self.momentum_update(self.cfg.momentum)  # ALBEF parity: before any momentum feature
             image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
-            text_embeds_m, mlm_text_m = self.text_passes(texts[:2], attention_mask, momentum=True)
+            text_embeds_m, mlm_text_m = self.momentum_text_passes(texts[:2], attention_mask, shared)
             text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]), dim=-1)
             hidden_m = self.text_encoder_m.bert.fuse(mlm_text_m, attention_mask, image_embeds_m)
 

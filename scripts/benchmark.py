@@ -74,9 +74,9 @@ def instrument(model) -> None:
     wrap(model, "encode_image", lambda kw: "momentum" if kw.get("momentum") else "vision")
     for obj, method, part in ((model, "momentum_update", "momentum"), (model, "itc", "ITC"),
                               (model, "itm_rows", "fusion (ITM + MLM)"), (model, "itm_loss", "fusion (ITM + MLM)"),
-                              (model, "mlm_loss", "MLM head"), (model.bert, "forward", "text"),
+                              (model, "mlm_loss", "MLM head"), (model, "text_passes", "text"),
                               (model.bert, "fuse", "fusion (ITM + MLM)"), (model.bert, "image_kv", "image K/V"),
-                              (model.text_encoder_m.bert, "forward", "momentum"),
+                              (model, "momentum_text_passes", "momentum"),
                               (model.text_encoder_m.bert, "fuse", "momentum"),
                               (model.text_encoder_m.cls, "forward", "momentum")):
         wrap(obj, method, part)

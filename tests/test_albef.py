@@ -280,6 +280,27 @@ def test_frozen_text_weights_get_no_gradient_no_update_and_keep_their_twins():
         tiny_model(freeze_text_layers=3)
 
 
+
+def test_momentum_text_pass_reuses_frozen_layers_and_gives_its_own_states():
+    """With embeddings and text layer 0 frozen and no dropout, the momentum pass starts from the
+    student's layer-0 states; its output equals the momentum text encoder run from the ids. With
+    dropout the twins' draws would differ, so nothing is shared."""
+    no_dropout = dataclasses.replace(TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = ALBEF(tiny_cfg(freeze_text_embeddings=True, freeze_text_layers=1), no_dropout).train()
+    assert model.shared_text_layers() == 1
+    calls = []
+    hook = model.text_encoder_m.bert.encoder.layer[0].register_forward_hook(lambda *a: calls.append(1))
+    image, ids, mask = tiny_batch()
+    out = model(image, ids, mask, alpha=0.4, return_outputs=True)
+    assert not calls  # the momentum layer 0 did not run
+    hook.remove()
+    with torch.no_grad():
+        expected = model.text_encoder_m.bert(ids, mask, mode="text")
+    torch.testing.assert_close(out["text_embeds_m"], expected, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    assert ALBEF(tiny_cfg(freeze_text_embeddings=True, freeze_text_layers=1), TINY_BERT).shared_text_layers() == 0
+
 def test_bert_layer_norms_use_layer_norm_eps():
     """Every LayerNorm of the text side (embeddings, layers, MLM head) computes with the config's eps:
     each one runs in a training forward and its output is layer_norm(input, eps) for an eps far from the
