@@ -1,6 +1,6 @@
 """What a pretrained model knows before any fine-tuning, on held-out pictures: zero-shot retrieval ranked
 by ITC alone and re-ranked by ITM (the original's evaluation: ITM logit of the ITC top K_TEST), and ITM
-balanced accuracy on pairs whose caption has one attribute swapped (`scripts/score_pairs.py`'s format
+balanced accuracy (and AUC) on pairs whose caption has one attribute swapped (`scripts/score_pairs.py`'s format
 with a `kind` per entry). `make demo` (scripts/demo.py) and scripts/ablate_vilta.py report it.
 """
 
@@ -12,6 +12,7 @@ from datasets.retrieval import (
     PairDataset,
     RetrievalEvalDataset,
     accuracy_by_kind,
+    roc_auc,
     recall_metrics,
     retrieval_features,
     retrieval_scores,
@@ -40,5 +41,7 @@ def measure(weights: str | dict, cfg: PretrainConfig, test_file: str, pairs_file
         out |= {f"{rank_by}_{k}": metrics[k] for k in ("img_r1", "img_r5", "txt_r1", "txt_r5")}
     pairs = PairDataset(pairs_file, test_transform(cfg.image_res), cfg.image_root, cfg.max_words)
     p_match, _ = pair_scores(model, pairs, tokenizer, device, amp=cfg.amp)  # under the autocast it was trained with
-    balanced = accuracy_by_kind(p_match, pairs.labels, [e["kind"] for e in pairs.ann.entries])
-    return out | {f"itm_{k}": v for k, v in balanced.items()}
+    kinds = [e["kind"] for e in pairs.ann.entries]
+    balanced = accuracy_by_kind(p_match, pairs.labels, kinds)
+    auc = accuracy_by_kind(p_match, pairs.labels, kinds, metric=roc_auc)
+    return out | {f"itm_{k}": v for k, v in balanced.items()} | {f"itm_auc_{k}": v for k, v in auc.items()}

@@ -208,12 +208,23 @@ def balanced_accuracy(p_match: torch.Tensor, labels: torch.Tensor, threshold: fl
     return 50.0 * (said[labels].float().mean().item() + (~said[~labels]).float().mean().item())
 
 
-def accuracy_by_kind(p_match: torch.Tensor, labels: list[int], kinds: list[str] | None) -> dict[str, float]:
-    """ITM balanced accuracy over all pairs ("all") and, per kind of non-matching pair, of the matching
-    pairs against that kind alone."""
+def roc_auc(p_match: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent, the chance that a matching pair scores above a non-matching one (ties count half): no
+    threshold, so the ITM head's prior (its share of "no match" rows in training) does not move it."""
+    labels = labels.bool()
+    if labels.all() or not labels.any():
+        raise ValueError("AUC needs both matching and non-matching pairs")
+    pos, neg = p_match[labels].float()[:, None], p_match[~labels].float()[None, :]
+    return 100.0 * ((pos > neg).float().mean() + 0.5 * (pos == neg).float().mean()).item()
+
+
+def accuracy_by_kind(p_match: torch.Tensor, labels: list[int], kinds: list[str] | None,
+                     metric=balanced_accuracy) -> dict[str, float]:
+    """`metric` (balanced accuracy, or `roc_auc`) over all pairs ("all") and, per kind of non-matching
+    pair, of the matching pairs against that kind alone."""
     labels_t = torch.tensor(labels)
-    out = {"all": balanced_accuracy(p_match, labels_t)}
+    out = {"all": metric(p_match, labels_t)}
     for kind in sorted({k for k, y in zip(kinds or [], labels) if y == 0}):
         keep = torch.tensor([y == 1 or k == kind for k, y in zip(kinds, labels)])
-        out[kind] = balanced_accuracy(p_match[keep], labels_t[keep])
+        out[kind] = metric(p_match[keep], labels_t[keep])
     return out

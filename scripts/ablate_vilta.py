@@ -15,7 +15,8 @@ Each run is `Pretrain.py` in its own process, as a user would start it; its chec
 measured on pictures no run trains on, as `make demo` measures (zero_shot.py):
 - zero-shot retrieval R@1 on data/demo/retrieval_test.json, ranked by ITC and re-ranked by ITM;
 - ITM balanced accuracy on data/demo/itm_test.json: each true caption against itself with the colour,
-  the shape, and the size or position swapped (by kind, and all together);
+  the shape, and the size or position swapped (by kind, and all together), and its AUC (no threshold:
+  the ITM head's prior, which synthesized negatives move, does not change it);
 - the share of the frozen teacher's synthesized captions (the same for every run) the ITM head rejects;
 - MLM accuracy at 15 % masked positions (fixed draw), reading the image;
 - seconds per training step (wall clock of the whole run over its steps: process start, data,
@@ -69,7 +70,8 @@ VARIANTS = {
     "both": ["vilta.mlm_soft_target=both", "vilta.synth_negatives=true"],
 }
 METRICS = ("itc_txt_r1", "itc_img_r1", "itm_txt_r1", "itm_img_r1", "itm_colour", "itm_shape", "itm_size", "itm_position",
-           "itm_all", "itm_synth", "mlm_acc", "s_per_step")
+           "itm_all", "itm_auc_colour", "itm_auc_shape", "itm_auc_size", "itm_auc_all", "itm_synth", "mlm_acc",
+           "s_per_step")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.retrieval import balanced_accuracy
+from datasets.retrieval import accuracy_by_kind, balanced_accuracy, roc_auc
 from datasets.text import TOKENIZER_SETTINGS, build_tokenizer, pre_caption, tokenize
 from datasets.transforms import test_transform
 from models.albef import ALBEF, ALBEFConfig, build_bert_config
@@ -86,6 +86,20 @@ def test_balanced_accuracy_by_hand():
     with pytest.raises(ValueError):
         balanced_accuracy(p, torch.ones(5, dtype=torch.long))
 
+
+
+def test_roc_auc_by_hand_and_by_kind():
+    """AUC counts the (matching, non-matching) pairs ranked right, ties as half, whatever the threshold;
+    by kind it uses every matching pair against that kind's."""
+    p = torch.tensor([0.9, 0.4, 0.3, 0.4, 0.1])
+    labels = torch.tensor([1, 1, 0, 0, 0])
+    # 0.9 beats all 3; 0.4 beats 0.3 and 0.1, ties 0.4: (3 + 2.5) / 6
+    assert roc_auc(p, labels) == pytest.approx(100 * 5.5 / 6)
+    assert roc_auc(p * 0.1, labels) == pytest.approx(100 * 5.5 / 6)  # a lower prior moves nothing
+    by_kind = accuracy_by_kind(p, labels.tolist(), ["match", "match", "colour", "shape", "shape"], metric=roc_auc)
+    assert by_kind["colour"] == pytest.approx(100.0) and by_kind["shape"] == pytest.approx(100 * 3.5 / 4)
+    with pytest.raises(ValueError, match="AUC"):
+        roc_auc(p, torch.zeros(5, dtype=torch.long))
 
 def test_unlabelled_pairs_and_bad_label(setup, tmp_path):
     out = setup["out"]
