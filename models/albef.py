@@ -47,7 +47,9 @@ class ALBEFConfig:
     # inductor's RNG, not eager's (same distribution; torch._inductor.config.fallback_random for the same draws)
     compile: bool = False
     # Keep pretrained text weights as loaded (the demo's speed: AdamW, the EMA and backward skip them); the
-    # original trains everything. Embeddings: word (and the MLM decoder tied to it), position, type.
+    # original trains everything. Embeddings: word (and the MLM decoder tied to it), position, type. With
+    # both frozen and no text dropout, the momentum pass takes the frozen layers' states from the student
+    # (`shared_text_layers`): a loaded checkpoint's momentum copies of frozen weights go unused.
     freeze_text_embeddings: bool = False
     freeze_text_layers: int = 0  # the first N BERT layers, text layers only (N <= fusion_layer)
 
