@@ -449,7 +449,8 @@ class ALBEF(ALBEFBase):
         layers have twins equal to themselves (`freeze_text`), so without dropout both compute the same
         states. 0 otherwise: the momentum pass runs every text layer, as the original."""
         bert_cfg = self.bert.config
-        if not self.cfg.freeze_text_embeddings or bert_cfg.hidden_dropout_prob or bert_cfg.attention_probs_dropout_prob:
+        dropout = bert_cfg.hidden_dropout_prob or bert_cfg.attention_probs_dropout_prob
+        if not self.cfg.freeze_text_embeddings or dropout:
             return 0
         return self.cfg.freeze_text_layers
 
@@ -471,7 +472,8 @@ class ALBEF(ALBEFBase):
         bert, k = self.text_encoder_m.bert, self.shared_text_layers()
         mask = attention_mask.repeat(len(texts), 1)
         x = shared if k else bert.embeddings(torch.cat(texts))
-        return bert.run_layers(x, mask, bert.encoder.layer[k : bert.config.fusion_layer]).split(attention_mask.shape[0])
+        states = bert.run_layers(x, mask, bert.encoder.layer[k : bert.config.fusion_layer])
+        return states.split(attention_mask.shape[0])
 
     def extra_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, out: dict) -> list[torch.Tensor]:
         """More captions [B, L] (sharing `attention_mask`) for the student text pass, whose states reach
@@ -518,10 +520,10 @@ class ALBEF(ALBEFBase):
 
         The original's passes, batched where they run the same layers (the same function, fewer and
         larger matmuls): one student text pass over the captions, their masked copies (MLM) and any
-        `extra_texts`; one momentum text pass over the captions and masked copies (after the frozen text
-        layers only, `shared_text_layers`); one student
-        fusion pass over the ITM rows and the MLM rows, which read the B images' keys and values
-        projected once. The ITM rows' last fusion layer computes [CLS] only.
+        `extra_texts`; one momentum text pass over the captions and masked copies (from the student's
+        states after any `shared_text_layers`); one student fusion pass over the ITM rows and the MLM
+        rows, which read the B images' keys and values projected once. The ITM rows' last fusion layer
+        computes [CLS] only.
         """
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)  # ALBEF parity: clamped in place at every forward

@@ -69,9 +69,9 @@ VARIANTS = {
     "synth": ["vilta.synth_negatives=true"],
     "both": ["vilta.mlm_soft_target=both", "vilta.synth_negatives=true"],
 }
-METRICS = ("itc_txt_r1", "itc_img_r1", "itm_txt_r1", "itm_img_r1", "itm_colour", "itm_shape", "itm_size", "itm_position",
-           "itm_all", "itm_auc_colour", "itm_auc_shape", "itm_auc_size", "itm_auc_all", "itm_synth", "mlm_acc",
-           "s_per_step")
+METRICS = ("itc_txt_r1", "itc_img_r1", "itm_txt_r1", "itm_img_r1", "itm_colour", "itm_shape", "itm_size",
+           "itm_position", "itm_all", "itm_auc_colour", "itm_auc_shape", "itm_auc_size", "itm_auc_all", "itm_synth",
+           "mlm_acc", "s_per_step")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -280,7 +280,6 @@ def test_frozen_text_weights_get_no_gradient_no_update_and_keep_their_twins():
         tiny_model(freeze_text_layers=3)
 
 
-
 def test_momentum_text_pass_reuses_frozen_layers_and_gives_its_own_states():
     """With embeddings and text layer 0 frozen and no dropout, the momentum pass starts from the
     student's layer-0 states; its output equals the momentum text encoder run from the ids. With
@@ -300,6 +299,7 @@ def test_momentum_text_pass_reuses_frozen_layers_and_gives_its_own_states():
     torch.testing.assert_close(out["text_embeds_m"], expected, rtol=0, atol=1e-6)
     torch.manual_seed(0)
     assert ALBEF(tiny_cfg(freeze_text_embeddings=True, freeze_text_layers=1), TINY_BERT).shared_text_layers() == 0
+
 
 def test_bert_layer_norms_use_layer_norm_eps():
     """Every LayerNorm of the text side (embeddings, layers, MLM head) computes with the config's eps:
