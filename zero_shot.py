@@ -12,10 +12,10 @@ from datasets.retrieval import (
     PairDataset,
     RetrievalEvalDataset,
     accuracy_by_kind,
-    roc_auc,
     recall_metrics,
     retrieval_features,
     retrieval_scores,
+    roc_auc,
 )
 from datasets.text import build_tokenizer
 from datasets.transforms import test_transform

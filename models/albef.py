@@ -454,26 +454,17 @@ class ALBEF(ALBEFBase):
             return 0
         return self.cfg.freeze_text_layers
 
-    def text_passes(self, texts: list[torch.Tensor], attention_mask: torch.Tensor):
-        """Student text-mode states [B, L, H] of each id tensor in `texts` (all [B, L], sharing
-        `attention_mask`), computed in one batched pass, and the states of the first two after the
-        `shared_text_layers` (None when 0), where `momentum_text_passes` starts."""
-        bert, B, k = self.bert, attention_mask.shape[0], self.shared_text_layers()
-        mask = attention_mask.repeat(len(texts), 1)
-        x = bert.embeddings(torch.cat(texts))
-        if k:
-            x = bert.run_layers(x, mask, bert.encoder.layer[:k])
-        states = bert.run_layers(x, mask, bert.encoder.layer[k : bert.config.fusion_layer])
+    def text_passes(self, texts: list[torch.Tensor], attention_mask: torch.Tensor, momentum: bool = False,
+                    shared: torch.Tensor | None = None):
+        """Text-mode states [B, L, H] of each id tensor in `texts` (all [B, L], sharing `attention_mask`),
+        computed in one batched pass of the student (or momentum) text layers; and the states of the first
+        two after the `shared_text_layers` (None when 0). Given as `shared`, those start the pass there."""
+        bert = self.text_encoder_m.bert if momentum else self.bert
+        B, k = attention_mask.shape[0], self.shared_text_layers()
+        mask, layers = attention_mask.repeat(len(texts), 1), bert.encoder.layer[: bert.config.fusion_layer]
+        x = shared if shared is not None else bert.run_layers(bert.embeddings(torch.cat(texts)), mask, layers[:k])
+        states = bert.run_layers(x, mask, layers[k:])
         return states.split(B), (x[: 2 * B] if k else None)
-
-    def momentum_text_passes(self, texts: list[torch.Tensor], attention_mask: torch.Tensor,
-                             shared: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """The momentum text layers' states of `texts`, from the student's `shared` states if given."""
-        bert, k = self.text_encoder_m.bert, self.shared_text_layers()
-        mask = attention_mask.repeat(len(texts), 1)
-        x = shared if k else bert.embeddings(torch.cat(texts))
-        states = bert.run_layers(x, mask, bert.encoder.layer[k : bert.config.fusion_layer])
-        return states.split(attention_mask.shape[0])
 
     def extra_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, out: dict) -> list[torch.Tensor]:
         """More captions [B, L] (sharing `attention_mask`) for the student text pass, whose states reach
@@ -537,7 +528,7 @@ class ALBEF(ALBEFBase):
         with torch.no_grad():
             self.momentum_update(self.cfg.momentum)  # ALBEF parity: before any momentum feature
             image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
-            text_embeds_m, mlm_text_m = self.momentum_text_passes(texts[:2], attention_mask, shared)
+            (text_embeds_m, mlm_text_m), _ = self.text_passes(texts[:2], attention_mask, momentum=True, shared=shared)
             text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]), dim=-1)
             hidden_m = self.text_encoder_m.bert.fuse(mlm_text_m, attention_mask, image_embeds_m)
 

@@ -72,11 +72,11 @@ def instrument(model) -> None:
         setattr(obj, method, ranged)
 
     wrap(model, "encode_image", lambda kw: "momentum" if kw.get("momentum") else "vision")
+    wrap(model, "text_passes", lambda kw: "momentum" if kw.get("momentum") else "text")
     for obj, method, part in ((model, "momentum_update", "momentum"), (model, "itc", "ITC"),
                               (model, "itm_rows", "fusion (ITM + MLM)"), (model, "itm_loss", "fusion (ITM + MLM)"),
-                              (model, "mlm_loss", "MLM head"), (model, "text_passes", "text"),
+                              (model, "mlm_loss", "MLM head"),
                               (model.bert, "fuse", "fusion (ITM + MLM)"), (model.bert, "image_kv", "image K/V"),
-                              (model, "momentum_text_passes", "momentum"),
                               (model.text_encoder_m.bert, "fuse", "momentum"),
                               (model.text_encoder_m.cls, "forward", "momentum")):
         wrap(obj, method, part)

@@ -87,7 +87,6 @@ def test_balanced_accuracy_by_hand():
         balanced_accuracy(p, torch.ones(5, dtype=torch.long))
 
 
-
 def test_roc_auc_by_hand_and_by_kind():
     """AUC counts the (matching, non-matching) pairs ranked right, ties as half, whatever the threshold;
     by kind it uses every matching pair against that kind's."""
@@ -100,6 +99,7 @@ def test_roc_auc_by_hand_and_by_kind():
     assert by_kind["colour"] == pytest.approx(100.0) and by_kind["shape"] == pytest.approx(100 * 3.5 / 4)
     with pytest.raises(ValueError, match="AUC"):
         roc_auc(p, torch.zeros(5, dtype=torch.long))
+
 
 def test_unlabelled_pairs_and_bad_label(setup, tmp_path):
     out = setup["out"]
