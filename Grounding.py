@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -139,38 +140,43 @@ def main(argv=None) -> dict:
     with loaders.seeded(cfg.seed):
         model = build_model(cfg, args.checkpoint, args.resume)
     model.to(dist.device)
-    tb = utils.build_tb_writer(args.output_dir)
     logger.info("Grad-CAM: %s mode, block %d%s", cfg.gradcam_mode, cfg.block_num,
                 "" if cfg.gradcam_mode == "itc" or cfg.gradcam_cls else ", words only (no [CLS])")
+    with utils.tb_writer(args.output_dir) as tb:
 
-    def run_eval(epoch: int) -> dict[str, float]:
-        preds = evaluate(model, test_set, collate, refer, dets, cfg, dist)
-        stats = grounding_accuracy(preds)
-        logger.info("epoch %d: %s", epoch, "  ".join(f"{k}: {v:.3f}" for k, v in stats.items()))
-        if dist.is_main:
-            write_predictions(os.path.join(args.output_dir, f"grounding_{'eval' if epoch < 0 else epoch}.json"),
-                              preds)
-        if tb is not None:
-            for k, v in stats.items():
-                tb.add_scalar(f"grounding/{k}", v, epoch + 1)
-        return stats
+        def run_eval(epoch: int) -> dict[str, float]:
+            preds = evaluate(model, test_set, collate, refer, dets, cfg, dist)
+            stats = grounding_accuracy(preds)
+            logger.info("epoch %d: %s", epoch, "  ".join(f"{k}: {v:.3f}" for k, v in stats.items()))
+            if dist.is_main:
+                name = f"grounding_{'eval' if epoch < 0 else epoch}.json"
+                write_predictions(os.path.join(args.output_dir, name), preds)
+            if tb is not None:
+                for k, v in stats.items():
+                    tb.add_scalar(f"grounding/{k}", v, epoch + 1)
+            return stats
 
-    if args.evaluate:
-        stats = run_eval(-1)
-        utils.append_log(args.output_dir, stats | {"epoch": -1})
-    else:
-        transform = train_transform(cfg.image_res, None, cfg.hflip, cfg.randaugment)  # resize, no crop
-        train_set = GroundingDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, train=True)
-        loader, steps = utils.train_loader(train_set, cfg.batch_size, collate_retrieval(tokenizer), cfg, dist,
-                                           "expressions")
-        alpha = utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up)
-
-        stats = utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
-                          output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
-                          forward_kwargs=alpha, evaluate=run_eval, select="val_d", tb=tb,
-                          ddp_kwargs={"broadcast_buffers": False})  # queues are equal on every rank by design
-    utils.finish(tb)
+        if args.evaluate:
+            stats = run_eval(-1)
+            utils.append_log(args.output_dir, stats | {"epoch": -1})
+        else:
+            stats = train(args, cfg, model, tokenizer, dist, run_eval, tb)
+    utils.cleanup_distributed()
     return stats
+
+
+def train(args, cfg: GroundingConfig, model, tokenizer, dist, run_eval: Callable[[int], dict], tb) -> dict:
+    """Fine-tune with ITC + ITM on the training expressions (images resized, not cropped: boxes stay put),
+    scoring val and test every epoch and keeping the best by val accuracy."""
+    transform = train_transform(cfg.image_res, None, cfg.hflip, cfg.randaugment)
+    train_set = GroundingDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, train=True)
+    loader, steps = utils.train_loader(train_set, cfg.batch_size, collate_retrieval(tokenizer), cfg, dist,
+                                       "expressions")
+    alpha = utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up)
+    return utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
+                     output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
+                     forward_kwargs=alpha, evaluate=run_eval, select="val_d", tb=tb,
+                     ddp_kwargs={"broadcast_buffers": False})  # queues are equal on every rank by design
 
 
 if __name__ == "__main__":

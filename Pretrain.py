@@ -55,11 +55,7 @@ def main(argv=None) -> ALBEF:
     utils.init_weights(model, args, load_weights)
     model.to(dist.device)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
-    tb = utils.build_tb_writer(args.output_dir)
     val = make_val(cfg, tokenizer, dist) if cfg.val_file else None
-    if val and not args.resume:
-        report(val, model, cfg, args.output_dir, tb, epoch=-1, dist=dist)
-
     examples = example_captions(cfg, cfg.vilta.log_examples) if cfg.vilta.synth_negatives else []
 
     def alpha(epoch: int, i: int) -> dict:
@@ -67,16 +63,20 @@ def main(argv=None) -> ALBEF:
         ramp = utils.first_epoch_ramp(epoch, i, steps_per_epoch)
         return {"alpha": cfg.alpha * ramp} | ({"cross_weight": cfg.vilta.cross_weight * ramp} if cfg.vilta.cross else {})
 
-    def evaluate(epoch: int) -> dict:
-        if examples:
-            log_synthesized(model, examples, tokenizer, seed=loaders.mix_seed(cfg.seed, epoch))
-        return {f"val_{k}": v for k, v in report(val, model, cfg, args.output_dir, tb, epoch, dist).items()} if val else {}
+    with utils.tb_writer(args.output_dir) as tb:
+        if val and not args.resume:
+            report(val, model, cfg, args.output_dir, tb, epoch=-1, dist=dist)
 
-    utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
-              max_steps=args.max_steps, forward_kwargs=alpha, evaluate=evaluate, keep_every_epoch=True,
-              ddp_kwargs={"broadcast_buffers": False}, tb=tb)  # queues are equal on every rank by design
-    if tb is not None:
-        tb.close()
+        def evaluate(epoch: int) -> dict:
+            if examples:
+                log_synthesized(model, examples, tokenizer, seed=loaders.mix_seed(cfg.seed, epoch))
+            if not val:
+                return {}
+            return {f"val_{k}": v for k, v in report(val, model, cfg, args.output_dir, tb, epoch, dist).items()}
+
+        utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
+                  max_steps=args.max_steps, forward_kwargs=alpha, evaluate=evaluate, keep_every_epoch=True,
+                  ddp_kwargs={"broadcast_buffers": False}, tb=tb)  # queues are equal on every rank by design
     utils.cleanup_distributed()
     return model
 

@@ -67,11 +67,12 @@ def main(argv=None) -> ALBEFTextAssignment:
     utils.init_weights(model, args, load_text_assignment_checkpoint)
     model.to(dist.device)
     optimizer = utils.build_optimizer(model, cfg.optimizer)
-    tb = utils.build_tb_writer(args.output_dir)
     # ALBEF parity: text_proj and temp are never used (and vision_proj gets no gradient), as in the original
-    utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
-              max_steps=args.max_steps, keep_every_epoch=True, ddp_kwargs={"find_unused_parameters": True}, tb=tb)
-    utils.finish(tb)
+    with utils.tb_writer(args.output_dir) as tb:
+        utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
+                  max_steps=args.max_steps, keep_every_epoch=True, ddp_kwargs={"find_unused_parameters": True},
+                  tb=tb)
+    utils.cleanup_distributed()
     return model
 
 

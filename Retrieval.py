@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -75,19 +76,26 @@ def main(argv=None) -> dict:
         logger.warning("no --checkpoint: starting from %s and a %s ViT", cfg.text_encoder, cfg.vit_init or "random")
         model.init_pretrained_encoders()
     model.to(dist.device)
-    tb = utils.build_tb_writer(args.output_dir)
-
     save_scores = args.output_dir if args.save_scores and dist.is_main else None
+    with utils.tb_writer(args.output_dir) as tb:
 
-    def evaluate(epoch: int) -> dict:
-        return evaluate_splits(model, splits, tokenizer, cfg, dist, epoch, tb, save_scores, per_epoch=not args.evaluate)
+        def evaluate(epoch: int) -> dict:
+            return evaluate_splits(model, splits, tokenizer, cfg, dist, epoch, tb, save_scores,
+                                   per_epoch=not args.evaluate)
 
-    if args.evaluate:
-        results = evaluate(0)
-        utils.append_log(args.output_dir, results | {"epoch": 0})
-        utils.finish(tb)
-        return results
+        if args.evaluate:
+            results = evaluate(0)
+            utils.append_log(args.output_dir, results | {"epoch": 0})
+        else:
+            results = train(args, cfg, model, tokenizer, dist, evaluate, tb)
+    utils.cleanup_distributed()
+    return results
 
+
+def train(args, cfg: RetrievalConfig, model: ALBEFRetrieval, tokenizer, dist, evaluate: Callable[[int], dict],
+          tb) -> dict:
+    """Fine-tune with ITC + ITM, evaluating every epoch and keeping the best by val R mean; returns the last
+    epoch's results."""
     train_set = RetrievalTrainDataset(cfg.train_file, cfg.train_transform(cfg.image_res), cfg.image_root,
                                       cfg.max_words)
     loader, steps = utils.train_loader(train_set, cfg.batch_size_train, collate_retrieval(tokenizer), cfg, dist,
@@ -106,7 +114,6 @@ def main(argv=None) -> dict:
               tb=tb)  # equal on every rank by design
     if last:
         log_best(args.output_dir)
-    utils.finish(tb)
     return last
 
 

@@ -105,11 +105,10 @@ def train(args, cfg: VQAConfig, model: VQAModel, tokenizer, dist) -> int:
                                        "questions")
     optimizer = utils.build_optimizer(model, cfg.optimizer)
     alpha = utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up)  # ALBEF parity: ramped over epoch 0
-    tb = utils.build_tb_writer(args.output_dir)
-    log = utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir, resume=args.resume,
-                    max_steps=args.max_steps, forward_kwargs=alpha, keep_every_epoch=True, tb=tb)
-    if tb is not None:
-        tb.close()
+    with utils.tb_writer(args.output_dir) as tb:
+        log = utils.fit(model, optimizer, loader, cfg=cfg, dist=dist, output_dir=args.output_dir,
+                        resume=args.resume, max_steps=args.max_steps, forward_kwargs=alpha, keep_every_epoch=True,
+                        tb=tb)
     return log.get("epoch", 0)
 
 

@@ -23,23 +23,23 @@ def run_classifier(model: nn.Module, dataset_cls: Callable[..., Dataset], test_t
     A split is `dataset_cls(files, transform, cfg.image_root, cfg.max_words)`: the training split with
     the config's `train_transform`, val and test with `test_transform`."""
     model.to(dist.device)
-    tb = utils.build_tb_writer(args.output_dir)
 
     def dataset(files, transform: Callable) -> Dataset:
         return dataset_cls(files, transform, cfg.image_root, cfg.max_words)
 
     splits = {"val": dataset(cfg.val_file, test_transform), "test": dataset(cfg.test_file, test_transform)}
-    evaluate = accuracy_evaluator(model, splits, collate_fn, eval_batch_size, cfg, dist, tb)
-    if args.evaluate:
-        utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
-    else:
-        train_set = dataset(cfg.train_file, cfg.train_transform(cfg.image_res))
-        loader, steps = utils.train_loader(train_set, batch_size, collate_fn, cfg, dist, "pairs")
-        utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
-                  output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
-                  forward_kwargs=utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up), select="val_acc", tb=tb,
-                  evaluate=evaluate)
-    utils.finish(tb)
+    with utils.tb_writer(args.output_dir) as tb:
+        evaluate = accuracy_evaluator(model, splits, collate_fn, eval_batch_size, cfg, dist, tb)
+        if args.evaluate:
+            utils.append_log(args.output_dir, evaluate(-1) | {"epoch": -1})
+        else:
+            train_set = dataset(cfg.train_file, cfg.train_transform(cfg.image_res))
+            loader, steps = utils.train_loader(train_set, batch_size, collate_fn, cfg, dist, "pairs")
+            utils.fit(model, utils.build_optimizer(model, cfg.optimizer), loader, cfg=cfg, dist=dist,
+                      output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
+                      forward_kwargs=utils.alpha_schedule(cfg.alpha, steps, cfg.warm_up), select="val_acc",
+                      tb=tb, evaluate=evaluate)
+    utils.cleanup_distributed()
 
 
 @torch.no_grad()

@@ -48,8 +48,12 @@ def build_train_loader(cfg: PretrainConfig, tokenizer, dist: utils.DistInfo):
         raise utils.ConfigError("set one of train_file (JSON lists) and train_shards (WebDataset shards)")
     if cfg.train_file:
         dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
+        dataset = utils.limit_samples(dataset, cfg, "pairs")
         return loaders.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                                   num_workers=cfg.num_workers, dist=dist, seed=cfg.seed), len(dataset)
+    if cfg.max_train_samples is not None:
+        raise utils.ConfigError("max_train_samples takes a subset of train_file; with train_shards an epoch is "
+                                "train_samples_per_epoch samples")
     if not cfg.train_samples_per_epoch or cfg.train_samples_per_epoch < 1:
         raise utils.ConfigError("train_shards needs train_samples_per_epoch (samples over all ranks; "
                                 "json_to_shards.py prints it, img2dataset's *_stats.json count `successes`)")

@@ -30,10 +30,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-)
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from config import ConfigError, config_to_dict, load_config, save_config  # noqa: F401 - the scripts' names
 from datasets.base import AnnotationError, ImageLoadError
@@ -65,6 +62,10 @@ class EngineConfig:
     accum_steps: int = 1  # batches per optimizer step
     print_freq: int = 50  # optimizer steps between progress lines
     save_every_steps: int = 0  # mid-epoch checkpoints, read by the scripts' on_step; 0: off
+    # A short fine-tune: train on a seeded random subset of at most this many training samples, the same
+    # subset every epoch, so the lr schedule, the alpha ramp and each epoch's evaluation fit the budget
+    # (`--max_steps` only stops early, mid-schedule). None: every sample (the original). JSON lists only.
+    max_train_samples: int | None = None
     num_workers: int = 4
     seed: int = 42
 
@@ -75,6 +76,8 @@ class EngineConfig:
             raise ValueError("need accum_steps, print_freq >= 1 and save_every_steps, num_workers >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be >= 1 or null, got {self.max_train_samples}")
         for f in dataclasses.fields(self):  # every task's batch sizes (batch_size, batch_size_train, ...)
             if "batch_size" in f.name and isinstance(size := getattr(self, f.name), int) and size < 1:
                 raise ValueError(f"{f.name} must be >= 1, got {size}")
@@ -194,13 +197,6 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def finish(tb=None) -> None:
-    """A script's last step: close its TensorBoard writer, leave the process group."""
-    if tb is not None:
-        tb.close()
-    cleanup_distributed()
-
-
 def cleanup_distributed() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
@@ -251,13 +247,20 @@ def setup_logging(output_dir: str | None, rank: int = 0) -> None:
     logging.captureWarnings(True)
 
 
-def build_tb_writer(output_dir: str):
-    """A TensorBoard SummaryWriter on `output_dir/tb` for rank 0; None elsewhere."""
+@contextlib.contextmanager
+def tb_writer(output_dir: str):
+    """A TensorBoard SummaryWriter on `output_dir/tb` for rank 0 (None elsewhere), closed however the
+    block ends: a run stopped by a data error leaves no writer thread flushing behind it."""
     if not is_main_process():
-        return None
+        yield None
+        return
     from torch.utils.tensorboard import SummaryWriter  # slow import, only where needed
 
-    return SummaryWriter(os.path.join(output_dir, "tb"))
+    writer = SummaryWriter(os.path.join(output_dir, "tb"))
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 def append_log(output_dir: str, stats: dict) -> None:
@@ -275,13 +278,25 @@ def append_log(output_dir: str, stats: dict) -> None:
 def train_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, cfg: EngineConfig, dist: DistInfo,
                  what: str = "samples") -> tuple[DataLoader, int]:
     """(this rank's training loader, optimizer steps per epoch): shuffled, the last partial batch dropped,
-    resumable mid-epoch (`datasets.loaders.build_loader`), with the config's workers and seed. Logs the size."""
+    resumable mid-epoch (`datasets.loaders.build_loader`), with the config's workers and seed, on at most
+    `cfg.max_train_samples` of `dataset` (`limit_samples`). Logs the size."""
+    dataset = limit_samples(dataset, cfg, what)
     loader = build_loader(dataset, batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
                           num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
     steps = steps_per_epoch(loader, cfg.accum_steps)
     logger.info("%d %s, %d steps per epoch, %d ranks x batch %d", len(dataset), what, steps, dist.world_size,
                 batch_size)
     return loader, steps
+
+
+def limit_samples(dataset: Dataset, cfg: EngineConfig, what: str = "samples") -> Dataset:
+    """At most `cfg.max_train_samples` of `dataset`: a random subset drawn by `cfg.seed` alone (the same on
+    every rank and at every resume), in file order."""
+    if cfg.max_train_samples is None or cfg.max_train_samples >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))
+    logger.info("max_train_samples: %d of the %d %s (seed %d)", cfg.max_train_samples, len(dataset), what, cfg.seed)
+    return Subset(dataset, keep[: cfg.max_train_samples].sort().values.tolist())
 
 
 def steps_per_epoch(loader: DataLoader, accum_steps: int) -> int:

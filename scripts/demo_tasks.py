@@ -5,8 +5,9 @@ pretraining buys.
     python scripts/demo_tasks.py [--checkpoint output/demo_pretrain/checkpoint_last.pth] [--tasks vqa nlvr]
 
 Each run is the task's own script on its demo config (`configs/<Task>_demo.yaml`, bf16), the same steps
-either way (`TASKS`: Retrieval's one demo epoch, `STEPS` optimizer steps for the others). From the checkpoint the fine-tuned model is left at output/demo_tasks/<task>/checkpoint_best.pth
-(VQA has no validation split in ALBEF: its final weights); the runs from no pretraining (MiniLM text side,
+either way (`TASKS`: Retrieval's one demo epoch, one epoch of `STEPS[task]` optimizer steps for the others).
+From the checkpoint the fine-tuned model is left at output/demo_tasks/<task>/checkpoint_best.pth (VQA has no
+validation split in ALBEF: its final weights); the runs from no pretraining (MiniLM text side,
 random ViT and fusion) go to output/demo_tasks/scratch/<task>/. Results: output/demo_tasks/results.json.
 """
 
@@ -25,15 +26,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # task -> (script, config, budget flags, {reported name: log.txt key}); accuracies in log.txt are fractions
 # (x100 here). The budget is the same from the checkpoint and from no pretraining: Retrieval runs its one
-# demo epoch (125 steps of 32); the others stop after STEPS optimizer steps of their demo batch.
-STEPS = 200  # ten runs took 30.6 min on 2 quiet cores (100 steps: 20.6 min; docs/demo.md)
+# demo epoch (125 steps of 32); the others one epoch of `steps` x 32 training samples drawn by the seed
+# (`max_train_samples`; every demo task config trains in batches of 32), so the lr schedule and the alpha
+# ramp run to their end (`--max_steps` would stop them mid-schedule: docs/demo.md).
+STEPS = {"vqa": 400, "nlvr": 200, "ve": 200, "grounding": 200}  # VQA: 6x the questions of the others
+
+
+def budget(task: str) -> list[str]:
+    return ["--opts", f"max_train_samples={STEPS[task] * 32}"]
+
+
 TASKS: dict[str, tuple[str, str, list[str], dict[str, str]]] = {
     "retrieval": ("Retrieval.py", "configs/Retrieval_demo.yaml", [],
                   {"test text R@1": "test_txt_r1", "test image R@1": "test_img_r1", "test R mean": "test_r_mean"}),
-    "vqa": ("VQA.py", "configs/VQA_demo.yaml", ["--max_steps", str(STEPS)], {}),  # by question kind, from the result file
-    "nlvr": ("NLVR.py", "configs/NLVR_demo.yaml", ["--max_steps", str(STEPS)], {"dev": "val_acc", "test": "test_acc"}),
-    "ve": ("VE.py", "configs/VE_demo.yaml", ["--max_steps", str(STEPS)], {"dev": "val_acc", "test": "test_acc"}),
-    "grounding": ("Grounding.py", "configs/Grounding_demo.yaml", ["--max_steps", str(STEPS)],
+    "vqa": ("VQA.py", "configs/VQA_demo.yaml", budget("vqa"), {}),  # by question kind, from the result file
+    "nlvr": ("NLVR.py", "configs/NLVR_demo.yaml", budget("nlvr"), {"dev": "val_acc", "test": "test_acc"}),
+    "ve": ("VE.py", "configs/VE_demo.yaml", budget("ve"), {"dev": "val_acc", "test": "test_acc"}),
+    "grounding": ("Grounding.py", "configs/Grounding_demo.yaml", budget("grounding"),
                   {"val": "val_d", "testA": "testA_d", "testB": "testB_d"}),
 }
 FRACTIONS = {"val_acc", "test_acc", "val_d", "testA_d", "testB_d"}

@@ -16,7 +16,7 @@ import VE
 import VQA
 from Grounding import GroundingConfig
 from Pretrain_nlvr import TAConfig
-from scripts import prepare_demo_data
+from scripts import demo_tasks, prepare_demo_data
 from utils import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +39,19 @@ def test_demo_configs_load_and_agree(name):
     pretrain, _ = load_config(str(ROOT / "configs" / "Pretrain_demo.yaml"), [], Pretrain.PretrainConfig)
     for key in ("image_res", "vit_patch_size", "vit_width", "vit_depth", "vit_heads", "bert_config", "text_encoder"):
         assert getattr(cfg, key) == getattr(pretrain, key), (name, key)  # the demo checkpoint fits every task
+
+
+@pytest.mark.parametrize("task", sorted(demo_tasks.TASKS))
+def test_demo_tasks_budget_is_whole_epochs_of_the_same_steps(task):
+    """`make demo-tasks` gives every task (but Retrieval's one demo epoch) one epoch of its STEPS, so its
+    schedule ends where the run does."""
+    _, config, budget, _ = demo_tasks.TASKS[task]
+    opts = budget[budget.index("--opts") + 1:] if "--opts" in budget else []
+    cfg, _ = load_config(str(ROOT / config), opts, SCHEMAS[Path(config).stem])
+    batch = getattr(cfg, "batch_size_train", None) or cfg.batch_size
+    assert "--max_steps" not in budget
+    if task != "retrieval":
+        assert cfg.max_train_samples // batch == demo_tasks.STEPS[task] and cfg.schedular.epochs == 1
 
 
 def one_picture_per_colour(pairs: list[dict]) -> list[dict]:

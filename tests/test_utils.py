@@ -338,6 +338,24 @@ def test_checkpoint_atomic_and_weights_only(tmp_path):
 # --------------------------------------------------------------------------------------- sampler
 
 
+def test_max_train_samples_is_a_seeded_subset_that_sets_the_epoch():
+    data = list(range(100))
+    a = utils.limit_samples(data, EngineConfig(max_train_samples=30, seed=1))
+    again = utils.limit_samples(data, EngineConfig(max_train_samples=30, seed=1))
+    other = utils.limit_samples(data, EngineConfig(max_train_samples=30, seed=2))
+    picked = [a[i] for i in range(len(a))]
+    assert len(a) == 30 and len(set(picked)) == 30 and picked == sorted(picked)  # distinct, in file order
+    assert picked == [again[i] for i in range(30)] != [other[i] for i in range(30)]
+    assert picked != list(range(30))  # drawn, not the head of the file
+    assert utils.limit_samples(data, EngineConfig(max_train_samples=100)) is data
+    assert utils.limit_samples(data, EngineConfig()) is data
+    _, steps = utils.train_loader(data, 8, None, EngineConfig(max_train_samples=30, num_workers=0),
+                                  loaders.DistInfo())
+    assert steps == 3  # 30 samples, batches of 8, the last partial one dropped
+    with pytest.raises(ValueError, match="max_train_samples"):
+        EngineConfig(max_train_samples=0)
+
+
 def test_loader_workers_leave_stop_signals_to_the_main_process():
     """A cluster's SIGTERM reaches the whole process group: a worker must not die of it mid-epoch."""
     loader = loaders.build_loader(NoisyDataset(32), 4, shuffle=False, drop_last=True, num_workers=1)
@@ -564,15 +582,24 @@ def test_logging_files(tmp_path):
         utils.append_log(str(tmp_path), {"train_lr": 1e-4, "epoch": 0})
         assert "hello run.log" in (tmp_path / "run.log").read_text()
         assert (tmp_path / "log.txt").read_text() == '{"train_lr": 0.0001, "epoch": 0}\n'
-        writer = utils.build_tb_writer(str(tmp_path))
-        writer.add_scalar("train/x", 1.0, 0)
-        writer.close()
+        with utils.tb_writer(str(tmp_path)) as writer:
+            writer.add_scalar("train/x", 1.0, 0)
         assert any((tmp_path / "tb").iterdir())
     finally:
         root = logging.getLogger()
         for h in [h for h in root.handlers if getattr(h, "_engine", False)]:
             root.removeHandler(h)
             h.close()
+
+
+def test_tb_writer_is_closed_when_the_run_fails(tmp_path):
+    """A data error ends a script inside `tb_writer`: its writer must not outlive the run."""
+    with pytest.raises(ValueError, match="bad pair"):
+        with utils.tb_writer(str(tmp_path)) as writer:
+            writer.add_scalar("train/x", 1.0, 0)
+            raise ValueError("bad pair")
+    assert writer.all_writers is None  # what SummaryWriter.close() leaves
+    assert any((tmp_path / "tb").iterdir())
 
 
 # ------------------------------------------------------------------------------------- distributed
