@@ -99,6 +99,10 @@ def test_roc_auc_by_hand_and_by_kind():
     assert by_kind["colour"] == pytest.approx(100.0) and by_kind["shape"] == pytest.approx(100 * 3.5 / 4)
     with pytest.raises(ValueError, match="AUC"):
         roc_auc(p, torch.zeros(5, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)  # the rank formula against every pair compared, ties and all
+    p, labels = torch.randint(0, 5, (301,), generator=g) / 5, torch.arange(301) % 3 == 0
+    pos, neg = p[labels][:, None].double(), p[~labels][None, :].double()
+    assert roc_auc(p, labels) == pytest.approx(100 * ((pos > neg).double().mean() + 0.5 * (pos == neg).double().mean()).item())
 
 
 def test_unlabelled_pairs_and_bad_label(setup, tmp_path):
