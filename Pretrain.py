@@ -45,10 +45,7 @@ def main(argv=None) -> ALBEF:
 
     bert_cfg = build_bert_config(cfg)
     tokenizer = build_tokenizer(resolve_pretrained(cfg.tokenizer_source))
-    loader, num_pairs = build_train_loader(cfg, tokenizer, dist)
-    steps_per_epoch = utils.steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d", num_pairs, steps_per_epoch,
-                dist.world_size, cfg.batch_size)
+    loader, steps_per_epoch = build_train_loader(cfg, tokenizer, dist)
 
     vilta = ViLTA.build(cfg.vilta, tokenizer, bert_cfg, cfg.text_encoder) if cfg.vilta.enabled else None
     model = ALBEFViLTA(cfg, bert_cfg, vilta) if vilta else ALBEF(cfg, bert_cfg)

@@ -6,6 +6,7 @@ tool imports a task script; the other tasks' schemas stay in their scripts.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,8 @@ from datasets.transforms import PRETRAIN_SCALE, AugmentConfig
 from models.albef import ALBEFConfig
 from models.retrieval import RetrievalModelConfig
 from models.vilta import ViLTAConfig
+
+logger = logging.getLogger("task_configs")
 
 
 @dataclass(kw_only=True)
@@ -40,17 +43,16 @@ class PretrainConfig(utils.EngineConfig, ALBEFConfig, AugmentConfig):
 
 
 def build_train_loader(cfg: PretrainConfig, tokenizer, dist: utils.DistInfo):
-    """(this rank's training loader, pairs per epoch): JSON lists (`train_file`) or shards (`train_shards`),
-    the same transform, `pre_caption` and collate either way."""
+    """(this rank's training loader, optimizer steps per epoch): JSON lists (`train_file`, through
+    `utils.train_loader` as every task) or shards (`train_shards`), the same transform, `pre_caption` and
+    collate either way."""
     transform = cfg.train_transform(cfg.image_res)
     collate = collate_pretrain(tokenizer)
     if bool(cfg.train_file) == bool(cfg.train_shards):
         raise utils.ConfigError("set one of train_file (JSON lists) and train_shards (WebDataset shards)")
     if cfg.train_file:
         dataset = PretrainDataset(cfg.train_file, transform, cfg.image_root, cfg.max_words, cfg.skip_bad_images)
-        dataset = utils.limit_samples(dataset, cfg, "pairs")
-        return loaders.build_loader(dataset, cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                                  num_workers=cfg.num_workers, dist=dist, seed=cfg.seed), len(dataset)
+        return utils.train_loader(dataset, cfg.batch_size, collate, cfg, dist, "pairs")
     if cfg.max_train_samples is not None:
         raise utils.ConfigError("max_train_samples takes a subset of train_file; with train_shards an epoch is "
                                 "train_samples_per_epoch samples")
@@ -60,7 +62,10 @@ def build_train_loader(cfg: PretrainConfig, tokenizer, dist: utils.DistInfo):
     source = PretrainShards(cfg.train_shards, transform, cfg.max_words, cfg.shuffle_buffer)
     loader = loaders.build_stream_loader(source, cfg.batch_size, samples_per_epoch=cfg.train_samples_per_epoch,
                                        collate_fn=collate, num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
-    return loader, cfg.train_samples_per_epoch
+    steps = utils.steps_per_epoch(loader, cfg.accum_steps)
+    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d",
+                cfg.train_samples_per_epoch, steps, dist.world_size, cfg.batch_size)
+    return loader, steps
 
 
 @dataclass(kw_only=True)
