@@ -6,7 +6,6 @@ tool imports a task script; the other tasks' schemas stay in their scripts.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,8 +18,6 @@ from datasets.transforms import PRETRAIN_SCALE, AugmentConfig
 from models.albef import ALBEFConfig
 from models.retrieval import RetrievalModelConfig
 from models.vilta import ViLTAConfig
-
-logger = logging.getLogger("task_configs")
 
 
 @dataclass(kw_only=True)
@@ -62,10 +59,7 @@ def build_train_loader(cfg: PretrainConfig, tokenizer, dist: utils.DistInfo):
     source = PretrainShards(cfg.train_shards, transform, cfg.max_words, cfg.shuffle_buffer)
     loader = loaders.build_stream_loader(source, cfg.batch_size, samples_per_epoch=cfg.train_samples_per_epoch,
                                        collate_fn=collate, num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
-    steps = utils.steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d pairs, %d steps per epoch, %d ranks x batch %d",
-                cfg.train_samples_per_epoch, steps, dist.world_size, cfg.batch_size)
-    return loader, steps
+    return loader, utils.epoch_steps(loader, cfg.train_samples_per_epoch, cfg, dist, cfg.batch_size, "pairs")
 
 
 @dataclass(kw_only=True)

@@ -283,10 +283,15 @@ def train_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, cfg: E
     dataset = limit_samples(dataset, cfg, what)
     loader = build_loader(dataset, batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
                           num_workers=cfg.num_workers, dist=dist, seed=cfg.seed)
+    return loader, epoch_steps(loader, len(dataset), cfg, dist, batch_size, what)
+
+
+def epoch_steps(loader: DataLoader, samples: int, cfg: EngineConfig, dist: DistInfo, batch_size: int,
+                what: str = "samples") -> int:
+    """`steps_per_epoch`, logged with the epoch's size: the one line every training loader writes."""
     steps = steps_per_epoch(loader, cfg.accum_steps)
-    logger.info("%d %s, %d steps per epoch, %d ranks x batch %d", len(dataset), what, steps, dist.world_size,
-                batch_size)
-    return loader, steps
+    logger.info("%d %s, %d steps per epoch, %d ranks x batch %d", samples, what, steps, dist.world_size, batch_size)
+    return steps
 
 
 def limit_samples(dataset: Dataset, cfg: EngineConfig, what: str = "samples") -> Dataset:

@@ -22,6 +22,8 @@ import sys
 import time
 from collections import defaultdict
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # task -> (script, config, budget flags, {reported name: log.txt key}); accuracies in log.txt are fractions
@@ -48,7 +50,6 @@ TASKS: dict[str, tuple[str, str, list[str], dict[str, str]]] = {
     "grounding": ("Grounding.py", "configs/Grounding_demo.yaml", budget("grounding"),
                   {"val": "val_d", "testA": "testA_d", "testB": "testB_d"}),
 }
-SELECT = {"retrieval": "val_r_mean", "nlvr": "val_acc", "ve": "val_acc", "grounding": "val_d"}  # the scripts' `select`
 FRACTIONS = {"val_acc", "test_acc", "val_d", "testA_d", "testB_d"}
 
 
@@ -94,14 +95,15 @@ def vqa_by_kind(output_dir: str, test_file: str) -> dict[str, float]:
 
 def read_metrics(task: str, output_dir: str) -> dict[str, float]:
     """The reported numbers, percent, from the run's log.txt: of the epoch whose weights the script kept as
-    checkpoint_best.pth (the best by its validation key; the first such epoch, as the scripts keep it)."""
+    checkpoint_best.pth (the engine records that epoch in the checkpoint)."""
     if task == "vqa":
         return vqa_by_kind(output_dir, os.path.join(ROOT, "data", "demo", "vqa_test.json"))
     keys = TASKS[task][3]
+    kept = torch.load(os.path.join(output_dir, "checkpoint_best.pth"), map_location="cpu", weights_only=True,
+                      mmap=True)["epoch"]
     with open(os.path.join(output_dir, "log.txt")) as f:
         lines = [json.loads(line) for line in f if line.strip()]
-    scored = [line for line in lines if all(k in line for k in keys.values())]
-    best = max(scored, key=lambda line: line[SELECT[task]])
+    best = next(line for line in lines if line.get("epoch") == kept and all(k in line for k in keys.values()))
     return {name: best[k] * (100 if k in FRACTIONS else 1) for name, k in keys.items()}
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import checkpoints
 import NLVR
@@ -60,6 +61,7 @@ def test_demo_tasks_reports_the_epoch_it_kept(tmp_path):
     lines = [{"val_acc": 0.9, "test_acc": 0.8, "epoch": 0}, {"val_acc": 0.9, "test_acc": 0.7, "epoch": 1},
              {"val_acc": 0.6, "test_acc": 0.95, "epoch": 2}, {"train_loss": 0.1, "epoch": 2}]
     (tmp_path / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    torch.save({"model": {}, "epoch": 0, "val_acc": 0.9}, tmp_path / "checkpoint_best.pth")  # as utils.fit keeps it
     assert demo_tasks.read_metrics("nlvr", str(tmp_path)) == pytest.approx({"dev": 90.0, "test": 80.0})
 
 
